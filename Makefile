@@ -1,0 +1,28 @@
+# Two entry points, both idempotent: `make demo` (set up, run the main job) and `make test`.
+# The venv is rebuilt only when pyproject.toml changes, so a second run starts at once.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dsah-rt-installed
+# torch/torchvision versions that this machine kind serves from local disk (a newer one downloads GBs).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,train,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dsah-rt demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) -m dsah_rt.bench.retrieval --json bench/results/retrieval-$$(date +%Y%m%d).json

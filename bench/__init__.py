@@ -1,0 +1,1 @@
+"""Benchmarks and recorded results (installed as dsah_rt.bench)."""

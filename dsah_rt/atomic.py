@@ -1,0 +1,36 @@
+"""Atomic file output: write a temporary file in the target folder, then rename it into place.
+
+A crash, a full disk or Ctrl-C leaves either the old file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from dsah_rt.errors import UserError
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], suffix: str = ".tmp") -> Path:
+    """Call write(fh) on a temporary binary file beside `path`, fsync, and rename it to `path`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))

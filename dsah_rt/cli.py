@@ -1,0 +1,157 @@
+"""The `dsah-rt` command line: parse, call the library, print. User errors are one line.
+
+Commands of the PyTorch and export stages live beside their code and are imported only when used,
+so `dsah-rt --help` stays fast; command modules import heavy packages inside the command body.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dsah_rt.atomic import atomic_write, write_json
+from dsah_rt.errors import UserError
+
+# name -> "module:attribute" of a click command defined with its stage.
+LAZY_COMMANDS: dict[str, str] = {
+    "train": "dsah_rt.train.cli:train",
+    "saliency": "dsah_rt.train.cli:saliency",
+    "export": "dsah_rt.export.cli:export",
+    "verify": "dsah_rt.export.cli:verify",
+    "encode": "dsah_rt.cli_encode:encode",
+}
+
+
+class Group(click.Group):
+    """Lazily imported commands, and UserError turned into one line without a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ImportError as exc:
+                return _unavailable(name, exc)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _unavailable(name: str, exc: ImportError) -> click.Command:
+    @click.command(name, help=f"(unavailable: {exc.name} is not installed)")
+    def stub() -> None:
+        raise UserError(f"'dsah-rt {name}' needs the missing package {exc.name} (pip install 'dsah-rt[train]')")
+
+    return stub
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dsah-rt")
+def main() -> None:
+    """Deep Saliency Hashing: train, export one fused model, encode images, rank and evaluate codes."""
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@main.command("eval")
+@click.option("--query-codes", "-q", required=True, type=click.Path(dir_okay=False), help="Query codes .npy.")
+@click.option("--db-codes", "-d", required=True, type=click.Path(dir_okay=False), help="Database codes .npy.")
+@click.option("--query-labels", required=True, type=click.Path(dir_okay=False), help="(N,) class ids or (N, C) multi-hot .npy.")
+@click.option("--db-labels", required=True, type=click.Path(dir_okay=False), help="Labels of the database rows .npy.")
+@click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
+@click.option("--topk", type=int, default=0, show_default=True, help="MAP@topk; 0 means the whole ranking.")
+@click.option("--radius", type=int, default=2, show_default=True, help="Hamming radius for precision/recall.")
+@click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all metrics as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the precision-recall curve as PNG.")
+def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, threads, json_out, plot) -> None:
+    """MAP (index-order and tie-aware with bounds), precision/recall within a radius, P@k and PR curves."""
+    from dsah_rt.codes import read_codes, read_labels
+    from dsah_rt.hamming import set_threads
+    from dsah_rt.metrics import evaluate
+
+    set_threads(threads)
+    q = read_codes(query_codes, bits)
+    d = read_codes(db_codes, bits if bits is not None else q.bits)
+    if q.bits != d.bits:
+        raise UserError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
+    ql = read_labels(query_labels, rows=len(q))
+    dl = read_labels(db_labels, rows=len(d))
+    res = evaluate(q.packed, d.packed, ql, dl, bits=q.bits, topk=topk, radius=radius)
+    at = f"@{topk}" if topk else "@all"
+    _print_table([
+        (f"MAP{at} (ties by index)", f"{res['map']:.6f}"),
+        ("MAP tie-aware [best, worst]", f"{res['map_tie_aware']:.6f} [{res['map_tie_best']:.6f}, {res['map_tie_worst']:.6f}]"),
+        (f"precision / recall r<={radius}", f"{res['precision_at_radius']:.6f} / {res['recall_at_radius']:.6f}"),
+        ("queries x database, bits", f"{res['queries']} x {res['database']}, {res['bits']}"),
+        ("queries without relevant", str(res["queries_without_relevant"])),
+        ("seconds", f"{res['seconds']:.4f}"),
+    ])
+    if json_out:
+        write_json(json_out, res)
+    if plot:
+        from dsah_rt.plots import plot_pr
+
+        plot_pr({"codes": res}, plot)
+
+
+@main.command("search")
+@click.option("--db-codes", "-d", required=True, type=click.Path(dir_okay=False), help="Database codes .npy.")
+@click.option("--query-codes", "-q", required=True, type=click.Path(dir_okay=False), help="Query codes .npy.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
+@click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
+@click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Result .npz: indices, distances, seconds.")
+def search_command(db_codes, query_codes, k, bits, threads, out) -> None:
+    """Exact top-k Hamming search; ties are ordered by database index."""
+    import time
+
+    import numpy as np
+
+    from dsah_rt.codes import read_codes
+    from dsah_rt.hamming import set_threads
+    from dsah_rt.index import BinaryIndex
+
+    set_threads(threads)
+    d = read_codes(db_codes, bits)
+    q = read_codes(query_codes, d.bits if bits is None else bits)
+    if q.bits != d.bits:
+        raise UserError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
+    if not 1 <= k <= len(d):
+        raise UserError(f"{db_codes}: -k {k} must be between 1 and the database size {len(d)}")
+    index = BinaryIndex(d.bits)
+    index.add(d.packed)
+    start = time.perf_counter()
+    distances, indices = index.search(q.packed, k)
+    seconds = time.perf_counter() - start
+    atomic_write(out, lambda fh: np.savez(fh, indices=indices, distances=distances, seconds=np.float64(seconds)))
+    click.echo(f"{len(q)} queries x {len(d)} codes, k={k}: {seconds:.4f} s -> {out}")
+
+
+@main.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the generated data.")
+def demo_command(out, seed) -> None:
+    """The main job on embedded defaults (see README)."""
+    from dsah_rt.demo import run_demo
+
+    run_demo(Path(out), seed=seed, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Numba kernels for Hamming ranking: distance histograms, counting top-k and index-order AP.
+
+Everything here works on codes as uint64 words (packed bytes padded to 8-byte rows) and never builds a
+queries x database matrix. A thread takes a block of queries and walks the database in cache-sized
+tiles, so each tile is read from memory once per block instead of once per query.
+
+Ranking is "by distance, ties by database index" everywhere. No kernel sorts: the per-query histogram
+over distances 0..k gives every item's rank bucket (a counting sort), which is O(N) per query.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+QUERY_BLOCK = 16
+# Tile of database rows kept hot in L1/L2 while a query block sweeps it (in 64-bit words).
+TILE_WORDS = 4096
+
+
+@intrinsic
+def _popcount(typingctx, x):  # noqa: ARG001 - numba intrinsic signature
+    """LLVM ctpop: one `popcnt` instruction (np.bitwise_count does not compile in Numba)."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _distance(q, tile, j, nwords):
+    # Codes up to 128 bits (48 included) take loop-free paths; a loop over words here gets vectorised
+    # into an emulated vector popcount that is several times slower for short rows.
+    if nwords == 1:
+        return _popcount(q[0] ^ tile[j, 0])
+    if nwords == 2:
+        return _popcount(q[0] ^ tile[j, 0]) + _popcount(q[1] ^ tile[j, 1])
+    d = 0
+    for w in range(nwords):
+        d += _popcount(q[w] ^ tile[j, w])
+    return d
+
+
+@njit(inline="always")
+def _overlap(qlab, dblab, j, nlab):
+    # Multi-hot words: relevant if any label is shared. 0/1 integer without data-dependent branches.
+    if nlab == 1:
+        return np.int64((qlab[0] & dblab[j, 0]) != 0)
+    acc = np.uint64(0)
+    for w in range(nlab):
+        acc |= qlab[w] & dblab[j, w]
+    return np.int64(acc != 0)
+
+
+def words(packed: np.ndarray) -> np.ndarray:
+    """(N, B) packed uint8 -> (N, ceil(B/8)) uint64; zero padding keeps distances unchanged."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    nwords = (packed.shape[1] + 7) // 8
+    if packed.shape[1] == nwords * 8:
+        return packed.view(np.uint64).reshape(len(packed), nwords)
+    out = np.zeros((len(packed), nwords * 8), dtype=np.uint8)
+    out[:, : packed.shape[1]] = packed
+    return out.view(np.uint64).reshape(len(packed), nwords)
+
+
+def label_words(query_labels: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as multi-hot uint64 words for the kernels: relevant iff the words share a set bit.
+
+    Class ids become one-hot over the ids that occur (so relevance is plain equality, and one word
+    holds up to 64 classes); multi-hot rows are packed as they are.
+    """
+    query_labels, db_labels = np.asarray(query_labels), np.asarray(db_labels)
+    if query_labels.ndim == 1:
+        ids, inverse = np.unique(np.concatenate([query_labels, db_labels]), return_inverse=True)
+        onehot = np.zeros((len(inverse), len(ids)), np.uint8)
+        onehot[np.arange(len(inverse)), inverse] = 1
+        query_labels, db_labels = onehot[: len(query_labels)], onehot[len(query_labels) :]
+    pack_ = lambda lab: words(np.packbits(lab.astype(np.uint8), axis=1))  # noqa: E731
+    return pack_(query_labels), pack_(db_labels)
+
+
+# Each parallel kernel only hands blocks of queries to a serial block function: Numba's parfor pass
+# then has nothing to transform inside the block (it mis-compiled slot bookkeeping written inline).
+
+
+@njit(cache=True)
+def _relevance_block(qw, dbw, qlab, dblab, bits, q0, nb, out):
+    # One query at a time: unlike the label-free histogram, interleaving queries here measured slower.
+    # Bin 2*d + relevant, so relevance costs no second increment.
+    nwords = qw.shape[1]
+    n = dbw.shape[0]
+    nlab = qlab.shape[1]
+    rows = max(64, TILE_WORDS // nwords)
+    hist = np.zeros((nb, 2 * (bits + 1)), np.int32)
+    for t0 in range(0, n, rows):
+        t1 = min(n, t0 + rows)
+        tile = dbw[t0:t1]
+        labs = dblab[t0:t1]
+        for qi in range(nb):
+            q = qw[q0 + qi]
+            ql = qlab[q0 + qi]
+            h = hist[qi]
+            for j in range(tile.shape[0]):
+                h[2 * _distance(q, tile, j, nwords) + _overlap(ql, labs, j, nlab)] += 1
+    out[q0 : q0 + nb] = hist.reshape(nb, bits + 1, 2)
+
+
+@njit(parallel=True, cache=True)
+def relevance_histograms(qw, dbw, qlab, dblab, bits):
+    """(Q, bits+1, 2) int64: counts per distance of irrelevant [.., 0] and relevant [.., 1] items."""
+    nq = qw.shape[0]
+    out = np.zeros((nq, bits + 1, 2), np.int64)
+    for b in prange((nq + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        q0 = b * QUERY_BLOCK
+        _relevance_block(qw, dbw, qlab, dblab, bits, q0, min(nq, q0 + QUERY_BLOCK) - q0, out)
+    return out
+
+
+@njit(cache=True)
+def _distance_block(qw, dbw, bits, q0, nb, out):
+    # Four queries share each database word loaded and keep four independent histogram increments in
+    # flight (the increments, not loads or popcounts, bound this loop). Padded queries use spare rows.
+    nq, nwords = qw.shape
+    n = dbw.shape[0]
+    rows = max(64, TILE_WORDS // nwords)
+    ngroups = (nb + 3) // 4
+    hist = np.zeros((4 * ngroups, bits + 1), np.int32)
+    for t0 in range(0, n, rows):
+        tile = dbw[t0 : min(n, t0 + rows)]
+        for g in range(ngroups):
+            qa = qw[min(q0 + 4 * g, nq - 1)]
+            qb = qw[min(q0 + 4 * g + 1, nq - 1)]
+            qc = qw[min(q0 + 4 * g + 2, nq - 1)]
+            qd = qw[min(q0 + 4 * g + 3, nq - 1)]
+            ha, hb, hc, hd = hist[4 * g], hist[4 * g + 1], hist[4 * g + 2], hist[4 * g + 3]
+            for j in range(tile.shape[0]):
+                ha[_distance(qa, tile, j, nwords)] += 1
+                hb[_distance(qb, tile, j, nwords)] += 1
+                hc[_distance(qc, tile, j, nwords)] += 1
+                hd[_distance(qd, tile, j, nwords)] += 1
+    out[q0 : q0 + nb] = hist[:nb]
+
+
+@njit(parallel=True, cache=True)
+def distance_histograms(qw, dbw, bits):
+    """(Q, bits+1) int64: how many database codes lie at each distance from each query."""
+    nq = qw.shape[0]
+    out = np.zeros((nq, bits + 1), np.int64)
+    for b in prange((nq + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        q0 = b * QUERY_BLOCK
+        _distance_block(qw, dbw, bits, q0, min(nq, q0 + QUERY_BLOCK) - q0, out)
+    return out
+
+
+@njit(cache=True)
+def _cutoff(hist, k):
+    """Distance t and count m such that the top k are all items below t plus the first m at t."""
+    below = 0
+    for d in range(hist.shape[0]):
+        if below + hist[d] >= k:
+            return d, k - below
+        below += hist[d]
+    return hist.shape[0] - 1, hist[hist.shape[0] - 1]
+
+
+@njit(cache=True)
+def _topk_block(qw, dbw, hist, k, q0, nb, dist, idx):
+    nwords = qw.shape[1]
+    n = dbw.shape[0]
+    rows = max(64, TILE_WORDS // nwords)
+    cut = np.empty(nb, np.int64)
+    limit = np.empty(nb, np.int64)
+    slot = np.zeros((nb, hist.shape[1]), np.int64)  # next free output slot per distance
+    for qi in range(nb):
+        c, m = _cutoff(hist[q0 + qi], k)
+        start = 0
+        for d in range(c + 1):
+            slot[qi, d] = start
+            start += hist[q0 + qi, d]
+        cut[qi] = c
+        limit[qi] = slot[qi, c] + m
+    for t0 in range(0, n, rows):
+        tile = dbw[t0 : min(n, t0 + rows)]
+        for qi in range(nb):
+            q = qw[q0 + qi]
+            c = cut[qi]
+            s = slot[qi]
+            for j in range(tile.shape[0]):
+                d = _distance(q, tile, j, nwords)
+                if d <= c:
+                    p = s[d]
+                    if d < c or p < limit[qi]:
+                        dist[q0 + qi, p] = d
+                        idx[q0 + qi, p] = t0 + j
+                        s[d] = p + 1
+
+
+@njit(parallel=True, cache=True)
+def topk_from_histograms(qw, dbw, hist, k):
+    """Exact top-k by (distance, index) given each query's distance histogram.
+
+    Items are written straight into their sorted slot: slot = items at smaller distances + items at
+    the same distance seen so far. Only items at or below the cut-off distance are touched.
+    """
+    nq = qw.shape[0]
+    dist = np.empty((nq, k), np.int32)
+    idx = np.empty((nq, k), np.int64)
+    for b in prange((nq + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        q0 = b * QUERY_BLOCK
+        _topk_block(qw, dbw, hist, k, q0, min(nq, q0 + QUERY_BLOCK) - q0, dist, idx)
+    return dist, idx
+
+
+@njit(cache=True)
+def _ap_block(qw, dbw, qlab, dblab, hist, kmax, grid, q0, nb, ap, found, at_grid):
+    nwords = qw.shape[1]
+    n = dbw.shape[0]
+    nlab = qlab.shape[1]
+    nbins = hist.shape[1]
+    rows = max(64, TILE_WORDS // nwords)
+    # nxt[qi, d] packs two counters: low 32 bits, the 0-based rank the next item at distance d takes;
+    # high 32 bits, the same among relevant items. They start at the counts of smaller distances (a
+    # counting sort), and one add of 1 + (relevant << 32) moves both: one read-modify-write per pair.
+    nxt = np.zeros((nb, nbins), np.int64)
+    cut = np.empty(nb, np.int64)
+    total = np.empty(nbins, np.int64)
+    pos_buf = np.empty(rows, np.int64)
+    rank_buf = np.empty(rows, np.int64)
+    grid_max = grid[-1] if grid.shape[0] else 0
+    for qi in range(nb):
+        h = hist[q0 + qi]
+        n_all = 0
+        n_rel = 0
+        for d in range(nbins):
+            nxt[qi, d] = n_all | (n_rel << 32)
+            total[d] = h[d, 0] + h[d, 1]
+            n_all += total[d]
+            n_rel += h[d, 1]
+        cut[qi] = _cutoff(total, kmax)[0]
+    for t0 in range(0, n, rows):
+        t1 = min(n, t0 + rows)
+        tile = dbw[t0:t1]
+        labs = dblab[t0:t1]
+        for qi in range(nb):
+            q = qw[q0 + qi]
+            ql = qlab[q0 + qi]
+            c = cut[qi]
+            s = nxt[qi]
+            cnt = 0  # branch-free filter: relevance is a coin flip the branch predictor can't learn
+            for j in range(tile.shape[0]):
+                d = _distance(q, tile, j, nwords)
+                if d > c:
+                    continue
+                r = _overlap(ql, labs, j, nlab)
+                packed = s[d]
+                pos_buf[cnt] = (packed & 0xFFFFFFFF) + 1
+                rank_buf[cnt] = (packed >> 32) + 1
+                cnt += r
+                s[d] = packed + 1 + (r << 32)
+            acc = 0.0
+            hits = 0
+            for i in range(cnt):
+                pos = pos_buf[i]
+                if pos <= kmax:
+                    acc += rank_buf[i] / pos
+                    hits += 1
+                    if pos <= grid_max:
+                        at_grid[q0 + qi, np.searchsorted(grid, pos)] += 1
+            ap[q0 + qi] += acc
+            found[q0 + qi] += hits
+
+
+@njit(parallel=True, cache=True)
+def index_order_ap(qw, dbw, qlab, dblab, hist, topk, grid):
+    """AP per query with ties ordered by database index, from a relevance histogram (Q, bits+1, 2).
+
+    topk <= 0 means the whole ranking. AP@K is normalised by the relevant items retrieved in the top K
+    (the deep-hashing convention). Also returns how many relevant items sit within the top grid[g]
+    ranks (for P@k / R@k curves) and the number of relevant items in the top K.
+    """
+    nq = qw.shape[0]
+    n = dbw.shape[0]
+    kmax = n if topk <= 0 else min(topk, n)
+    ap = np.zeros(nq, np.float64)
+    found = np.zeros(nq, np.int64)
+    at_grid = np.zeros((nq, grid.shape[0]), np.int64)
+    for b in prange((nq + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        q0 = b * QUERY_BLOCK
+        nb = min(nq, q0 + QUERY_BLOCK) - q0
+        _ap_block(qw, dbw, qlab, dblab, hist, kmax, grid, q0, nb, ap, found, at_grid)
+    for q in range(nq):
+        if found[q] > 0:
+            ap[q] /= found[q]
+        for g in range(1, grid.shape[0]):
+            at_grid[q, g] += at_grid[q, g - 1]
+    return ap, found, at_grid
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def tie_aware_ap(hist):
+    """Tie-aware AP (He et al., CVPR 2018) and its best/worst bounds from (Q, bits+1, 2) histograms.
+
+    Within a group of n items at one distance holding r relevant ones, after N items and R relevant
+    ones at smaller distances: position j is relevant with probability r/n, and given that, holds
+    (j-1)(r-1)/(n-1) relevant items before it in expectation. So the group adds
+        r/n * sum_j (R + 1 + (j-1)(r-1)/(n-1)) / (N + j).
+    Best case puts the group's relevant items first, worst case last.
+    """
+    nq = hist.shape[0]
+    nbins = hist.shape[1]
+    mean = np.zeros(nq, np.float64)
+    best = np.zeros(nq, np.float64)
+    worst = np.zeros(nq, np.float64)
+    for q in prange(nq):
+        before = 0.0
+        rel_before = 0.0
+        total_rel = 0
+        for d in range(nbins):
+            total_rel += hist[q, d, 1]
+        if total_rel == 0:
+            continue
+        sm = 0.0
+        sb = 0.0
+        sw = 0.0
+        for d in range(nbins):
+            r = hist[q, d, 1]
+            n = hist[q, d, 0] + r
+            if r > 0:
+                slope = (r - 1.0) / (n - 1.0) if n > 1 else 0.0
+                acc = 0.0
+                for j in range(1, n + 1):
+                    acc += (rel_before + 1.0 + (j - 1.0) * slope) / (before + j)
+                sm += acc * r / n
+                for i in range(1, r + 1):
+                    sb += (rel_before + i) / (before + i)
+                    sw += (rel_before + i) / (before + n - r + i)
+            before += n
+            rel_before += r
+        mean[q] = sm / total_rel
+        best[q] = sb / total_rel
+        worst[q] = sw / total_rel
+    return mean, best, worst
+
+
+def set_threads(n: int | None) -> int:
+    """Use n threads (None: all cores); returns the number in effect."""
+    if n is not None:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    return numba.get_num_threads()

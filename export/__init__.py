@@ -1,0 +1,1 @@
+"""Fused ONNX / TensorRT export (installed as dsah_rt.export)."""

@@ -1,0 +1,1 @@
+"""DSaH training in PyTorch (installed as dsah_rt.train; needs the `train` extra)."""

@@ -1,0 +1,248 @@
+"""The two DSaH networks (paper sec. 3.1-3.2, 3.5) and the DPSH baseline, built by name.
+
+Every model takes float images in [0, 1], NCHW RGB, and normalises inside (`Normalize`), so an
+exported graph is fed raw pixels / 255 and the saliency image of Eq. 4 stays in pixel space.
+
+  AttentionNet  FCN-16s: backbone -> fc6/fc7 as convolutions -> 1-channel saliency logits
+  HashNet       backbone -> head (VGG fc6/fc7) -> Linear(head_features, bits) = u
+  DSaH          attention + hashing, each with its own backbone: u, u' and the saliency map
+  DPSH          HashNet alone, the paper's DPSH++ baseline on the same backbone
+
+Code convention everywhere: bit = 1 iff u >= 0, i.e. +1 where u >= 0 else -1. `torch.sign`
+is never used because sign(0) = 0 is not a code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsah_rt.errors import UserError
+from dsah_rt.train.backbones import Backbone, build_backbone, convolutionalize_vgg_head
+
+Weights = str | os.PathLike | None
+
+
+def bits_from_u(u: torch.Tensor) -> torch.Tensor:
+    """Boolean codes: bit = 1 iff u >= 0."""
+    return u >= 0
+
+
+def pm1_from_u(u: torch.Tensor) -> torch.Tensor:
+    """b of Eq. 12/17 in {-1, +1}: +1 where u >= 0 else -1 (so u == 0 gives +1, never 0)."""
+    return (u >= 0).to(u.dtype) * 2 - 1
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, with mean/std as buffers so they travel with checkpoints."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def minmax_normalize(s: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 3 per image: (s - min) / (max - min) over all of an image's pixels, in [0, 1].
+
+    A flat map (max - min <= eps) has no saliency to rank, so it maps to all ones: the saliency
+    image is then the original image rather than a black one. The denominator is replaced
+    before dividing, not after, so neither the value nor the gradient can be NaN.
+    """
+    flat = s.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, *([1] * (s.dim() - 1)))
+    hi = flat.max(dim=1).values.view(-1, *([1] * (s.dim() - 1)))
+    span = hi - lo
+    ok = span > eps
+    normalized = (s - lo) / torch.where(ok, span, torch.ones_like(span))
+    return torch.where(ok, normalized, torch.ones_like(s))
+
+
+def saliency_image(salmap: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: y = Salmap ⊙ x on the [0, 1] image (before normalisation, so masked pixels are black)."""
+    return salmap * x
+
+
+def _bilinear_kernel(factor: int) -> torch.Tensor:
+    """The (2f x 2f) bilinear interpolation kernel FCN uses to initialise its deconvolutions."""
+    size = 2 * factor
+    center = factor - 0.5
+    ramp = 1 - (torch.arange(size, dtype=torch.float32) - center).abs() / factor
+    return torch.outer(ramp, ramp)
+
+
+def _bilinear_upsampler(factor: int) -> nn.ConvTranspose2d:
+    """A learnable 1-channel x`factor` upsampler that starts as bilinear interpolation.
+
+    kernel 2f, stride f, padding f/2 gives exactly f * input size, aligned on pixel centres.
+    """
+    up = nn.ConvTranspose2d(1, 1, kernel_size=2 * factor, stride=factor, padding=factor // 2, bias=False)
+    with torch.no_grad():
+        up.weight.copy_(_bilinear_kernel(factor).view(1, 1, 2 * factor, 2 * factor))
+    return up
+
+
+class AttentionNet(nn.Module):
+    """FCN-16s saliency network (sec. 3.1): image in [0, 1] -> raw saliency logits (N, 1, H, W).
+
+    It owns `backbone` and drops its pooled head: the FCN works on the feature maps. For VGG-16
+    at the default width the head's fc6/fc7 become the 7x7/1x1 convolutions (FCN's
+    convolutionalisation, so ImageNet weights carry over); otherwise `fc_channels`-wide
+    convolutions (kernel 3) are freshly initialised, which keeps small configurations cheap.
+    """
+
+    def __init__(self, backbone: Backbone, fc_channels: int | None = None, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.normalize = Normalize(backbone.mean, backbone.std)
+        self.backbone = backbone
+        head = backbone.drop_head()
+        if backbone.name == "vgg16" and fc_channels in (None, 4096):
+            self.fc = convolutionalize_vgg_head(head)
+            fc_channels = 4096
+        else:
+            fc_channels = fc_channels or min(512, backbone.c5_channels)
+            kernel = 7 if backbone.name == "vgg16" else 3
+            self.fc = nn.Sequential(
+                nn.Conv2d(backbone.c5_channels, fc_channels, kernel, padding=kernel // 2),
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(fc_channels, fc_channels, 1),
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(dropout),
+            )
+        self.fc_channels = fc_channels
+        self.score_c5 = nn.Conv2d(fc_channels, 1, 1)
+        self.score_c4 = nn.Conv2d(backbone.c4_channels, 1, 1)
+        # FCN-16s zero-initialises the pool4 score so training starts from the FCN-32s output.
+        nn.init.zeros_(self.score_c4.weight)
+        nn.init.zeros_(self.score_c4.bias)
+        self.up2 = _bilinear_upsampler(2)
+        self.up16 = _bilinear_upsampler(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c4, c5 = self.backbone.forward_features(self.normalize(x))
+        s4 = self.score_c4(c4)
+        s5 = self.up2(self.score_c5(self.fc(c5)))
+        if s5.shape[-2:] != s4.shape[-2:]:
+            # Odd stride-16 sizes (input not a multiple of 32) floor or ceil differently per backbone.
+            s5 = F.interpolate(s5, size=s4.shape[-2:], mode="bilinear", align_corners=False)
+        s = self.up16(s5 + s4)
+        if s.shape[-2:] != x.shape[-2:]:
+            s = F.interpolate(s, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return s
+
+
+class HashNet(nn.Module):
+    """Hashing network (sec. 3.2): backbone + head, with the classifier replaced by a hash layer."""
+
+    def __init__(self, backbone: Backbone, bits: int) -> None:
+        super().__init__()
+        if bits <= 0:
+            raise UserError(f"bits must be positive, got {bits}")
+        self.normalize = Normalize(backbone.mean, backbone.std)
+        self.backbone = backbone
+        self.hash_layer = nn.Linear(backbone.head_features, bits)
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hash_layer(self.backbone(self.normalize(x)))
+
+
+def _config(method: str, backbone: Backbone, bits: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "method": method,
+        "backbone": backbone.name,
+        "bits": bits,
+        "input_size": backbone.input_size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "weights_source": backbone.weights_source,
+        **extra,
+    }
+
+
+class DSaH(nn.Module):
+    """The attention/hashing pair. Each network has its own backbone, as in the paper."""
+
+    def __init__(self, attention: AttentionNet, hashing: HashNet) -> None:
+        super().__init__()
+        self.attention = attention
+        self.hashing = hashing
+
+    def saliency(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Salmap, y): the Eq. 3 map in [0, 1] (N, 1, H, W) and the Eq. 4 saliency image."""
+        salmap = minmax_normalize(self.attention(x))
+        return salmap, saliency_image(salmap, x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, u', Salmap): codes of the original and of the saliency image, and the map."""
+        salmap, y = self.saliency(x)
+        return self.hashing(x), self.hashing(y), salmap
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 15-17: the deployed code is sign(Hash(Attention(x))); this returns its u."""
+        return self.hashing(self.saliency(x)[1])
+
+    def config(self) -> dict[str, Any]:
+        return _config(
+            "dsah",
+            self.hashing.backbone,
+            self.hashing.bits,
+            fc_channels=self.attention.fc_channels,
+        )
+
+
+class DPSH(nn.Module):
+    """DPSH baseline (the paper's DPSH++): a HashNet alone. `hashing.*` keys match DSaH's."""
+
+    def __init__(self, hashing: HashNet) -> None:
+        super().__init__()
+        self.hashing = hashing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hashing(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hashing(x)
+
+    def config(self) -> dict[str, Any]:
+        return _config("dpsh", self.hashing.backbone, self.hashing.bits)
+
+
+def build_dsah(backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None) -> DSaH:
+    """DSaH on `backbone`: two independent backbone instances, both loaded with `weights`."""
+    attention = AttentionNet(build_backbone(backbone, weights), fc_channels=fc_channels)
+    return DSaH(attention, HashNet(build_backbone(backbone, weights), bits))
+
+
+def build_dpsh(backbone: str, bits: int, weights: Weights = "imagenet") -> DPSH:
+    return DPSH(HashNet(build_backbone(backbone, weights), bits))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"dsah": build_dsah, "dpsh": build_dpsh}
+
+
+def build_model(method: str, backbone: str, bits: int, weights: Weights = "imagenet", **opts: Any) -> nn.Module:
+    """Build a model by method name ("dsah" or "dpsh"); `opts` go to that method's builder."""
+    if method not in MODELS:
+        raise UserError(f"unknown method {method!r}; known: {', '.join(sorted(MODELS))}")
+    return MODELS[method](backbone, bits, weights, **opts)
+
+
+def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild the architecture a `config()` describes, randomly initialised, ready for a state dict.
+
+    Random init is right here: the checkpoint's state dict overwrites every parameter, and the
+    original pretrained file may not exist where the checkpoint is loaded.
+    """
+    opts = {"fc_channels": config["fc_channels"]} if config["method"] == "dsah" else {}
+    return build_model(config["method"], config["backbone"], config["bits"], weights=None, **opts)
+
