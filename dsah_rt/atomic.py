@@ -14,11 +14,16 @@ from typing import IO, Any, Callable
 from dsah_rt.errors import UserError
 
 
+def check_parent(path: str | os.PathLike[str] | None) -> None:
+    """Fail before any work is done when an output's folder is missing."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise UserError(f"{path}: folder {Path(path).parent} does not exist")
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], suffix: str = ".tmp") -> Path:
     """Call write(fh) on a temporary binary file beside `path`, fsync, and rename it to `path`."""
+    check_parent(path)
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"{path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

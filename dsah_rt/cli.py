@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from dsah_rt.atomic import atomic_write, write_json
+from dsah_rt.atomic import atomic_write, check_parent, write_json
 from dsah_rt.errors import UserError
 
 # name -> "module:attribute" of a click command defined with its stage.
@@ -85,9 +85,11 @@ def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, rad
     from dsah_rt.hamming import set_threads
     from dsah_rt.metrics import evaluate
 
+    check_parent(json_out)
+    check_parent(plot)
     set_threads(threads)
     q = read_codes(query_codes, bits)
-    d = read_codes(db_codes, bits if bits is not None else q.bits)
+    d = read_codes(db_codes, bits)
     if q.bits != d.bits:
         raise UserError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
     ql = read_labels(query_labels, rows=len(q))
@@ -127,6 +129,7 @@ def search_command(db_codes, query_codes, k, bits, threads, out) -> None:
     from dsah_rt.hamming import set_threads
     from dsah_rt.index import BinaryIndex
 
+    check_parent(out)
     set_threads(threads)
     d = read_codes(db_codes, bits)
     q = read_codes(query_codes, d.bits if bits is None else bits)

@@ -215,6 +215,112 @@ def topk_from_histograms(qw, dbw, hist, k):
     return dist, idx
 
 
+SMALL_K = 4096  # above this, top-k takes the two-pass histogram route (its memory does not grow with k)
+
+
+@njit(cache=True)
+def _bound(hist, k):
+    """Smallest distance t with at least k items at distance <= t (len(hist) if there is none)."""
+    seen = 0
+    for t in range(hist.shape[0]):
+        seen += hist[t]
+        if seen >= k:
+            return t
+    return hist.shape[0]
+
+
+@njit(cache=True)
+def _compact(bd, bi, count, hist, bound, k):
+    """Drop buffered items that can no longer make the top k: beyond the bound, or at the bound
+    behind the first ones (ties go to the lower index, and the buffer is in index order)."""
+    room_at_bound = k
+    for t in range(bound):
+        room_at_bound -= hist[t]
+    kept = 0
+    for i in range(count):
+        d = bd[i]
+        if d < bound or (d == bound and room_at_bound > 0):
+            room_at_bound -= d == bound
+            bd[kept] = d
+            bi[kept] = bi[i]
+            kept += 1
+        elif d <= hist.shape[0] - 1:
+            hist[d] -= 1
+    return kept
+
+
+@njit(cache=True)
+def _small_topk_block(qw, dbw, bits, k, q0, nb, dist, idx):
+    # One pass. Each query keeps a buffer of candidates in index order and a bound: once k items
+    # sit at distance <= bound, a later item needs d < bound to enter (an equal one loses the tie on
+    # index). The bound tightens fast, so nearly every chunk of 64 distances holds no candidate: the
+    # distances and the "any below the bound?" test are branch-free loops the compiler vectorises,
+    # and only chunks with a candidate take the scalar path.
+    nwords = qw.shape[1]
+    n = dbw.shape[0]
+    rows = max(64, TILE_WORDS // nwords)
+    cap = 2 * k + 16
+    bd = np.empty((nb, cap), np.int32)
+    bi = np.empty((nb, cap), np.int64)
+    hist = np.zeros((nb, bits + 1), np.int64)
+    count = np.zeros(nb, np.int64)
+    bound = np.full(nb, bits + 1, np.int64)  # accept d < bound; bits + 1 accepts everything
+    dbuf = np.empty(rows, np.int64)
+    for t0 in range(0, n, rows):
+        tile = dbw[t0 : min(n, t0 + rows)]
+        m = tile.shape[0]
+        for qi in range(nb):
+            q = qw[q0 + qi]
+            for j in range(m):
+                dbuf[j] = _distance(q, tile, j, nwords)
+            b = bound[qi]
+            c = count[qi]
+            for c0 in range(0, m, 64):
+                chunk = dbuf[c0 : min(m, c0 + 64)]
+                below = 0
+                for d in chunk:
+                    below += d < b
+                if below == 0:
+                    continue
+                for j in range(chunk.shape[0]):
+                    d = chunk[j]
+                    if d < b:
+                        if c == cap:
+                            c = _compact(bd[qi], bi[qi], c, hist[qi], b, k)
+                        bd[qi, c] = d
+                        bi[qi, c] = t0 + c0 + j
+                        c += 1
+                        hist[qi, d] += 1
+                        b = min(b, _bound(hist[qi], k))
+            bound[qi] = b
+            count[qi] = c
+    for qi in range(nb):
+        c = _compact(bd[qi], bi[qi], count[qi], hist[qi], bound[qi], k)
+        # Counting sort of the k survivors by distance; stable, so ties stay in index order.
+        slot = np.zeros(bits + 2, np.int64)
+        for i in range(c):
+            slot[bd[qi, i] + 1] += 1
+        for t in range(1, bits + 2):
+            slot[t] += slot[t - 1]
+        for i in range(c):
+            p = slot[bd[qi, i]]
+            slot[bd[qi, i]] = p + 1
+            dist[q0 + qi, p] = bd[qi, i]
+            idx[q0 + qi, p] = bi[qi, i]
+
+
+@njit(parallel=True, cache=True)
+def small_topk(qw, dbw, bits, k):
+    """Exact top-k by (distance, index) in one pass over the database, for k <= SMALL_K."""
+    nq = qw.shape[0]
+    dist = np.empty((nq, k), np.int32)
+    idx = np.empty((nq, k), np.int64)
+    for b in prange((nq + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        q0 = b * QUERY_BLOCK
+        _small_topk_block(qw, dbw, bits, k, q0, min(nq, q0 + QUERY_BLOCK) - q0, dist, idx)
+    return dist, idx
+
+
 @njit(cache=True)
 def _ap_block(qw, dbw, qlab, dblab, hist, kmax, grid, q0, nb, ap, found, at_grid):
     nwords = qw.shape[1]
@@ -279,8 +385,8 @@ def index_order_ap(qw, dbw, qlab, dblab, hist, topk, grid):
     """AP per query with ties ordered by database index, from a relevance histogram (Q, bits+1, 2).
 
     topk <= 0 means the whole ranking. AP@K is normalised by the relevant items retrieved in the top K
-    (the deep-hashing convention). Also returns how many relevant items sit within the top grid[g]
-    ranks (for P@k / R@k curves) and the number of relevant items in the top K.
+    (the deep-hashing convention). Also returns the number of relevant items in the top K and how
+    many relevant items sit within the top min(grid[g], K) ranks (for P@k / R@k curves).
     """
     nq = qw.shape[0]
     n = dbw.shape[0]

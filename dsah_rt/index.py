@@ -43,5 +43,7 @@ class BinaryIndex:
         if not 1 <= k <= self.ntotal:
             raise CodesError(f"k={k} must be between 1 and the database size {self.ntotal}")
         qw = self._query_words(queries)
+        if k <= hamming.SMALL_K:
+            return hamming.small_topk(qw, self._words, self.bits, k)
         hist = hamming.distance_histograms(qw, self._words, self.bits)
         return hamming.topk_from_histograms(qw, self._words, hist, k)

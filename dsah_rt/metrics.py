@@ -25,11 +25,10 @@ from dsah_rt.errors import CodesError
 
 
 def default_grid(n: int, topk: int | None = None) -> np.ndarray:
-    """Cut-offs for P@k / R@k curves: 1, 2, 5, 10, 20, 50, ... up to n (and topk)."""
-    steps = [m * 10**e for e in range(10) for m in (1, 2, 5) if m * 10**e <= n]
-    if topk:
-        steps.append(min(topk, n))
-    return np.unique(np.asarray(steps + [n], dtype=np.int64))
+    """Cut-offs for P@k / R@k curves: 1, 2, 5, 10, 20, 50, ... up to n, or up to topk when given."""
+    last = min(topk, n) if topk else n
+    steps = [m * 10**e for e in range(10) for m in (1, 2, 5) if m * 10**e <= last]
+    return np.unique(np.asarray(steps + [last], dtype=np.int64))
 
 
 def _check_labels(qlab: np.ndarray, dblab: np.ndarray, nq: int, ndb: int) -> None:

@@ -1,0 +1,148 @@
+"""Numba kernels against brute force on hypothesis-generated codes with many ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import code_sets
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference as ref
+from dsah_rt import hamming
+from dsah_rt.codes import pack
+from dsah_rt.index import BinaryIndex
+
+
+def _words(x01: np.ndarray) -> np.ndarray:
+    return hamming.words(pack(x01))
+
+
+@given(code_sets())
+def test_distance_histograms_match_brute_force(case):
+    k, q01, db01, _, _ = case
+    hist = hamming.distance_histograms(_words(q01), _words(db01), k)
+    dist = ref.distances(q01, db01)
+    expected = np.stack([np.bincount(row, minlength=k + 1) for row in dist])
+    np.testing.assert_array_equal(hist, expected)
+
+
+@given(code_sets())
+def test_relevance_histograms_split_counts_by_relevance(case):
+    k, q01, db01, qlab, dblab = case
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    for i in range(len(q01)):
+        np.testing.assert_array_equal(hist[i, :, 1], np.bincount(dist[i][rel[i]], minlength=k + 1))
+        np.testing.assert_array_equal(hist[i, :, 0], np.bincount(dist[i][~rel[i]], minlength=k + 1))
+
+
+@given(code_sets(), st.data())
+def test_topk_is_stable_ranking_prefix(case, data):
+    k, q01, db01, _, _ = case
+    K = data.draw(st.integers(1, len(db01)))
+    index = BinaryIndex(k)
+    index.add(pack(db01))
+    D, I = index.search(pack(q01), K)
+    dist = ref.distances(q01, db01)
+    for i in range(len(q01)):
+        order = ref.ranking(dist[i])[:K]
+        np.testing.assert_array_equal(I[i], order)
+        np.testing.assert_array_equal(D[i], dist[i][order])
+    assert D.dtype == np.int32 and I.dtype == np.int64
+
+
+def test_full_ranking_equals_stable_sort_with_heavy_ties():
+    rng = np.random.default_rng(3)
+    db01 = rng.integers(0, 2, (5000, 12), dtype=np.uint8)  # 12 bits: every distance is shared
+    q01 = rng.integers(0, 2, (7, 12), dtype=np.uint8)
+    index = BinaryIndex(12)
+    index.add(pack(db01))
+    D, I = index.search(pack(q01), len(db01))
+    dist = ref.distances(q01, db01)
+    for i in range(len(q01)):
+        np.testing.assert_array_equal(I[i], ref.ranking(dist[i]))
+
+
+@given(code_sets(), st.sampled_from([0, 1, 3, 10]))
+def test_index_order_ap_matches_loop(case, topk):
+    k, q01, db01, qlab, dblab = case
+    qw, dw = _words(q01), _words(db01)
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    hist = hamming.relevance_histograms(qw, dw, qlw, dlw, k)
+    grid = np.array([1, 2, 5, 7, 1000], np.int64)
+    ap, found, at_grid = hamming.index_order_ap(qw, dw, qlw, dlw, hist, topk, grid)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    for i in range(len(q01)):
+        ranked = rel[i][ref.ranking(dist[i])]
+        ref.assert_close(ap[i], ref.average_precision(ranked, topk or None))
+        assert found[i] == ranked[: topk or None].sum()
+        np.testing.assert_array_equal(at_grid[i], [ranked[: min(g, topk or g)].sum() for g in grid])
+
+
+@given(code_sets(max_db=7))
+def test_tie_aware_ap_is_mean_over_all_tie_orderings(case):
+    k, q01, db01, qlab, dblab = case
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
+    mean, best, worst = hamming.tie_aware_ap(hist)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    for i in range(len(q01)):
+        if not rel[i].any():
+            assert mean[i] == best[i] == worst[i] == 0.0
+            continue
+        m, hi, lo = ref.tie_orderings_ap(dist[i], rel[i])
+        ref.assert_close(mean[i], m, 1e-12)
+        ref.assert_close(best[i], hi, 1e-12)
+        ref.assert_close(worst[i], lo, 1e-12)
+
+
+@given(code_sets(max_db=400))
+def test_tie_aware_ap_matches_closed_form_on_larger_groups(case):
+    k, q01, db01, qlab, dblab = case
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
+    mean, best, worst = hamming.tie_aware_ap(hist)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    for i in range(len(q01)):
+        ref.assert_close(mean[i], ref.tie_aware_formula(dist[i], rel[i]), 1e-10)
+        assert worst[i] - 1e-12 <= mean[i] <= best[i] + 1e-12
+
+
+def test_multi_label_words_beyond_64_classes():
+    rng = np.random.default_rng(0)
+    qlab = (rng.random((5, 150)) < 0.01).astype(np.uint8)
+    dblab = (rng.random((300, 150)) < 0.01).astype(np.uint8)
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    assert qlw.shape[1] == 3
+    q01 = rng.integers(0, 2, (5, 24), dtype=np.uint8)
+    db01 = rng.integers(0, 2, (300, 24), dtype=np.uint8)
+    hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, 24)
+    np.testing.assert_array_equal(hist[:, :, 1].sum(1), ref.relevance(qlab, dblab).sum(1))
+
+
+def test_sparse_large_class_ids_are_compared_by_equality():
+    qlab = np.array([10**9, 7, 3])
+    dblab = np.array([7, 10**9, 10**9, 2])
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    q01 = np.zeros((3, 8), np.uint8)
+    hist = hamming.relevance_histograms(_words(q01), _words(np.zeros((4, 8), np.uint8)), qlw, dlw, 8)
+    np.testing.assert_array_equal(hist[:, 0, 1], [2, 1, 0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_do_not_depend_on_thread_count(threads):
+    rng = np.random.default_rng(1)
+    q01 = rng.integers(0, 2, (37, 48), dtype=np.uint8)
+    db01 = rng.integers(0, 2, (3000, 48), dtype=np.uint8)
+    before = hamming.set_threads(None)
+    try:
+        hamming.set_threads(threads)
+        index = BinaryIndex(48)
+        index.add(pack(db01))
+        D, I = index.search(pack(q01), 50)
+    finally:
+        hamming.set_threads(before)
+    dist = ref.distances(q01, db01)
+    np.testing.assert_array_equal(I, np.stack([ref.ranking(r)[:50] for r in dist]))
