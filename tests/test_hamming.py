@@ -81,14 +81,17 @@ def test_index_order_ap_matches_loop(case, topk):
         np.testing.assert_array_equal(at_grid[i], [ranked[: min(g, topk or g)].sum() for g in grid])
 
 
-@given(code_sets(max_db=7))
-def test_tie_aware_ap_is_mean_over_all_tie_orderings(case):
+def _tie_aware(case):
     k, q01, db01, qlab, dblab = case
     qlw, dlw = hamming.label_words(qlab, dblab)
     hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
-    mean, best, worst = hamming.tie_aware_ap(hist)
-    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
-    for i in range(len(q01)):
+    return (*hamming.tie_aware_ap(hist), ref.distances(q01, db01), ref.relevance(qlab, dblab))
+
+
+@given(code_sets(max_db=7))
+def test_tie_aware_ap_is_mean_over_all_tie_orderings(case):
+    mean, best, worst, dist, rel = _tie_aware(case)
+    for i in range(len(dist)):
         if not rel[i].any():
             assert mean[i] == best[i] == worst[i] == 0.0
             continue
@@ -100,12 +103,8 @@ def test_tie_aware_ap_is_mean_over_all_tie_orderings(case):
 
 @given(code_sets(max_db=400))
 def test_tie_aware_ap_matches_closed_form_on_larger_groups(case):
-    k, q01, db01, qlab, dblab = case
-    qlw, dlw = hamming.label_words(qlab, dblab)
-    hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
-    mean, best, worst = hamming.tie_aware_ap(hist)
-    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
-    for i in range(len(q01)):
+    mean, best, worst, dist, rel = _tie_aware(case)
+    for i in range(len(dist)):
         ref.assert_close(mean[i], ref.tie_aware_formula(dist[i], rel[i]), 1e-10)
         assert worst[i] - 1e-12 <= mean[i] <= best[i] + 1e-12
 
