@@ -25,4 +25,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
-	$(PY) -m dsah_rt.bench.retrieval --json bench/results/retrieval-$$(date +%Y%m%d).json
+	$(PY) -m dsah_rt.bench.retrieval --json bench/results/retrieval.json --md bench/results/retrieval.md
