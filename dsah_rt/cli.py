@@ -114,13 +114,21 @@ def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, rad
 
 @main.command("search")
 @click.option("--db-codes", "-d", required=True, type=click.Path(dir_okay=False), help="Database codes .npy.")
-@click.option("--query-codes", "-q", required=True, type=click.Path(dir_okay=False), help="Query codes .npy.")
+@click.option("--query-codes", "-q", type=click.Path(dir_okay=False), help="Query codes .npy (or use --query).")
+@click.option("--query", "query_images", type=click.Path(exists=True), help="Query image or folder, encoded with --model.")
+@click.option("--model", "model_path", type=click.Path(exists=True), help="model.onnx / model.engine that made the database.")
+@click.option("--backend", default="auto", show_default=True, help="Runner for --model (see 'dsah-rt encode --help').")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
 @click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Result .npz: indices, distances, seconds.")
-def search_command(db_codes, query_codes, k, bits, threads, out) -> None:
-    """Exact top-k Hamming search; ties are ordered by database index."""
+@click.option("--out", type=click.Path(dir_okay=False), help="Result .npz: indices, distances, seconds (with --query-codes).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Ranked paths and distances as JSON (with --query).")
+def search_command(db_codes, query_codes, query_images, model_path, backend, k, bits, threads, out, json_out) -> None:
+    """Exact top-k Hamming search; ties are ordered by database index.
+
+    Either --query-codes Q.npy (writes --out R.npz) or --query IMAGE_OR_DIR --model M, which encodes
+    the images and prints each one's ranked database paths (from the manifest) with their distances.
+    """
     import time
 
     import numpy as np
@@ -129,8 +137,28 @@ def search_command(db_codes, query_codes, k, bits, threads, out) -> None:
     from dsah_rt.hamming import set_threads
     from dsah_rt.index import BinaryIndex
 
-    check_parent(out)
+    if (query_codes is None) == (query_images is None):
+        raise UserError("give exactly one of --query-codes and --query")
     set_threads(threads)
+    if query_images is not None:
+        from dsah_rt.query import search_images
+
+        if model_path is None:
+            raise UserError("--query needs --model (the model that encoded the database)")
+        check_parent(json_out)
+        result = search_images(db_codes, query_images, model_path, k=k, backend=backend)
+        for query in result["queries"]:
+            click.echo(query["path"])
+            for hit in query["neighbours"]:
+                click.echo(f"  {hit['rank']:>3}  {hit['distance']:>4}  {hit['path']}")
+        for skip in result["skipped"]:
+            click.echo(f"skipped query {skip['path']}: {skip['reason']}", err=True)
+        if json_out:
+            write_json(json_out, result)
+        return
+    if out is None:
+        raise UserError("--query-codes needs --out R.npz")
+    check_parent(out)
     d = read_codes(db_codes, bits)
     q = read_codes(query_codes, d.bits if bits is None else bits)
     if q.bits != d.bits:

@@ -1,0 +1,85 @@
+"""`dsah-rt encode IMAGES --out codes.npy --model model.onnx`: a folder of images -> packed codes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from dsah_rt.errors import UserError
+
+if TYPE_CHECKING:  # numpy and the runners load only when a command runs, not for --help
+    from dsah_rt.runners.base import Runner
+
+
+def progress_printer(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """(update(done, total), close()) drawing a progress bar with images/s on stderr."""
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(
+                length=total, label=label, file=sys.stderr, show_pos=True, item_show_func=lambda rate: rate
+            ).__enter__()
+            state.update(start=time.perf_counter(), first=done, last=done)
+        elapsed = time.perf_counter() - state["start"]
+        rate = (done - state["first"]) / elapsed if elapsed > 0 else 0.0
+        state["bar"].update(done - state["last"], f"{rate:.1f} images/s")
+        state["last"] = done
+
+    def close() -> None:
+        if "bar" in state:
+            state.pop("bar").__exit__(None, None, None)
+
+    return update, close
+
+
+def check_input_size(runner: Runner, size: int | None) -> None:
+    if size is not None and size != runner.info.input_size:
+        raise UserError(
+            f"{runner.source}: model takes {runner.info.input_size} px images but --size {size} was requested"
+        )
+
+
+@click.command("encode")
+@click.argument("images", type=click.Path(exists=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="codes.npy to write (+ codes.npy.json manifest).")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="model.onnx, model.engine or a RUN_DIR (torch).")
+@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda, ort-tensorrt, trt or torch.")
+@click.option("--batch", type=int, default=32, show_default=True, help="Images per inference call.")
+@click.option("--workers", type=int, default=None, help="Decode workers (default: one per CPU core).")
+@click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (measured faster here) or processes.")
+@click.option("--threads", type=int, default=None, help="Inference threads (ONNX Runtime CPU; default: its own choice).")
+@click.option("--size", type=int, default=None, help="Refuse a model whose input size is not SIZE.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (codes.npy.partial) without re-encoding.")
+@click.option("--strict", is_flag=True, help="Fail (and write nothing) if any file is skipped.")
+def encode(images, out, model_path, backend, batch, workers, pool, threads, size, resume, strict) -> None:
+    """Encode every image under IMAGES; rows in sorted path order, skipped files listed with reasons."""
+    from dsah_rt.atomic import check_parent
+    from dsah_rt.encode import display_path, encode_folder
+    from dsah_rt.runners import make_runner
+
+    check_parent(out)
+    update, close = progress_printer("encoding")
+    with make_runner(model_path, backend, threads=threads) as runner:
+        check_input_size(runner, size)
+        described = runner.describe()
+        where = described.get("providers") or described.get("device")
+        click.echo(f"model: {runner.source} on {described['backend']} {where}", err=True)
+        if runner.selection_note:
+            click.echo(runner.selection_note, err=True)
+        try:
+            result = encode_folder(
+                images, out, runner, batch=batch, workers=workers, pool=pool, resume=resume, strict=strict,
+                progress=update, log=lambda m: click.echo(m, err=True),
+            )  # fmt: skip
+        finally:
+            close()
+    for skip in result.skipped[:20]:
+        click.echo(f"skipped {display_path(skip.path)}: {skip.reason}", err=True)
+    if len(result.skipped) > 20:
+        click.echo(f"... and {len(result.skipped) - 20} more skipped (all listed in {out}.json)", err=True)
+    click.echo(f"{result.summary()} -> {out}")

@@ -1,0 +1,143 @@
+"""OrtRunner: an exported model.onnx on ONNX Runtime (CPU, CUDA or its TensorRT provider)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsah_rt.runners.base import ModelError, ModelInfo, Runner
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelError("running model.onnx needs onnxruntime (pip install 'dsah-rt[cpu]' or '[gpu]')") from exc
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Short names ('tensorrt', 'cuda', 'cpu') of the providers this onnxruntime build has."""
+    have = set(_ort().get_available_providers())
+    return [name for name, full in PROVIDERS.items() if full in have]
+
+
+def read_onnx_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """The dsah-rt metadata of an ONNX file, read without building a session's kernels."""
+    session = _session(Path(path), ["CPUExecutionProvider"], threads=1, optimize=False)
+    return _info_from_session(session, str(path))
+
+
+def _session(path: Path, providers: list[Any], threads: int | None, optimize: bool = True) -> Any:
+    ort = _ort()
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    options = ort.SessionOptions()
+    if not optimize:  # a metadata read: skip graph rewrites, they cost more than the read itself
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    # Idle intra-op threads otherwise spin between runs, taking the cores the decode workers (and
+    # anyone sharing the machine) need; on the shared 2-core machine lite0 at batch 1 ran in
+    # 28 ms without spinning against 46-70 ms with it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # provider fallbacks are checked below, not left to a log line
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable ONNX model ({first[:300]})") from None
+
+
+def _info_from_session(session: Any, where: str) -> ModelInfo:
+    info = ModelInfo.from_metadata(dict(session.get_modelmeta().custom_metadata_map), where)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(uint8)":
+        raise ModelError(f"{where}: expected one uint8 input 'images', found {[(i.name, i.type) for i in inputs]}")
+    shape = inputs[0].shape
+    if len(shape) != 4 or list(shape[1:]) != [3, info.input_size, info.input_size]:
+        raise ModelError(
+            f"{where}: graph input shape {shape} does not match the metadata's input size {info.input_size}"
+        )
+    return info
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on `provider` ('cpu', 'cuda' or 'tensorrt').
+
+    A GPU provider that ONNX Runtime cannot start is dropped with only a log line and the session
+    runs on the CPU; that fallback is refused here, because a silent 50x slowdown is a bug.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike[str], provider: str = "cpu", threads: int | None = None) -> None:
+        if provider not in PROVIDERS:
+            raise ModelError(f"unknown onnxruntime provider {provider!r}; known: {', '.join(PROVIDERS)}")
+        self.path = Path(path)
+        self.provider = provider
+        self.threads = threads
+        self._session: Any = None
+        super().__init__(read_onnx_info(self.path), str(self.path))
+
+    def _provider_list(self) -> list[Any]:
+        if self.provider == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.provider == "cuda":
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        s = self.info.input_size
+        cache = self.path.with_name(self.path.name + ".trt-cache")
+        cache.mkdir(exist_ok=True)
+        trt_options = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_profile_min_shapes": f"images:1x3x{s}x{s}",
+            "trt_profile_opt_shapes": f"images:32x3x{s}x{s}",
+            "trt_profile_max_shapes": f"images:256x3x{s}x{s}",
+        }
+        return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def _activate(self) -> None:
+        wanted = PROVIDERS[self.provider]
+        if wanted not in _ort().get_available_providers():
+            raise ModelError(
+                f"onnxruntime {_ort().__version__} has no {wanted} "
+                f"(available: {', '.join(_ort().get_available_providers())}); "
+                "install onnxruntime-gpu for cuda/tensorrt"
+            )
+        session = _session(self.path, self._provider_list(), self.threads)
+        used = session.get_providers()
+        if used[0] != wanted:
+            raise ModelError(
+                f"{self.path}: asked for {wanted} but onnxruntime fell back to {used[0]} "
+                "(driver, CUDA or TensorRT libraries missing?); refusing to run on the CPU silently"
+            )
+        self._session = session
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    def _run(self, images: np.ndarray, with_u: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        names = ["codes", "u"] if with_u else ["codes"]
+        out = self._session.run(names, {"images": images})
+        return out[0], (out[1] if with_u else None)
+
+    def _describe(self) -> dict[str, Any]:
+        ort = _ort()
+        return {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "providers": self._session.get_providers() if self._session is not None else None,
+            "device": ort.get_device(),
+            "precision": "fp32" if self.provider != "tensorrt" else "fp32 (tensorrt provider)",
+            "threads": self.threads,
+        }

@@ -1,0 +1,106 @@
+"""`dsah-rt train` and `dsah-rt saliency` through click: outputs and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dsah_rt.cli import main
+from dsah_rt.train import run as R
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = ["--data", "synthetic-fg", "--data-option", "num_classes=3", "--data-option", "image_size=32",
+        "--data-option", "train_per_class=4", "--data-option", "query_per_class=2",
+        "--input-size", "32", "--batch-size", "6", "--epochs", "1", "--device", "cpu"]  # fmt: skip
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def dsah_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "multi"
+    result = _invoke("train", *TINY, "--bits", "8", "--bits", "16", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_sub_runs(dsah_run: Path) -> None:
+    for bits in (8, 16):
+        sub = dsah_run / f"bits-{bits}"
+        for name in ("checkpoint.pt", "config.json", "metrics.json", "query_codes.npy", "db_codes.npy",
+                     "query_labels.npy", "db_labels.npy"):  # fmt: skip
+            assert (sub / name).is_file(), name
+        config = json.loads((sub / "config.json").read_text())
+        assert config["bits"] == bits and config["weights_source"] == "none (random init)"
+        assert config["training"]["data_options"] == {"num_classes": 3, "image_size": 32, "train_per_class": 4,
+                                                      "query_per_class": 2}  # fmt: skip
+    assert R.load_run(dsah_run, bits=16)[1]["bits"] == 16
+
+
+def test_train_resume_continues(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _invoke("train", *TINY, "--method", "dpsh", "--out", str(out)).exit_code == 0
+    result = _invoke("train", *TINY[:-4], "--epochs", "2", "--device", "cpu", "--method", "dpsh", "--out", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 1 of 2" in result.output
+    assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2]
+
+
+def test_train_errors_are_one_line(tmp_path: Path) -> None:
+    _one_line_error(_invoke("train", *TINY, "--out", str(tmp_path / "missing"), "--resume"), "nothing to resume")
+    _one_line_error(_invoke("train", "--data", "no-such-data", "--out", str(tmp_path / "x")), "no-such-data")
+    _one_line_error(_invoke("train", *TINY, "--data-option", "colour=red", "--out", str(tmp_path / "x")), "colour")
+    _one_line_error(_invoke("train", *TINY, "--data-option", "oops", "--out", str(tmp_path / "x")), "key=value")
+    _one_line_error(_invoke("train", *TINY, "--backbone", "resnet", "--out", str(tmp_path / "x")), "resnet")
+    _one_line_error(_invoke("train", *TINY, "--weights", "imagenet", "--out", str(tmp_path / "x")), "small")
+
+
+def _images(folder: Path, corrupt: bool) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("a.png", (40, 50, 3)), ("b.jpg", (8, 8, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def test_saliency_writes_one_png_per_image(dsah_run: Path, tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", corrupt=True)
+    out = tmp_path / "out"
+    result = _invoke("saliency", str(images), "--run", str(dsah_run), "--bits", "8", "--out", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "broken.png" in result.output and "2 saliency images" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    with Image.open(out / "a.png") as img:  # three panels of the image's height, enlarged to >= 128
+        width, height = img.size
+    assert height == 160 and width == 3 * 200 + 8
+
+
+def test_saliency_errors(dsah_run: Path, tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", corrupt=True)
+    out = str(tmp_path / "out")
+    _one_line_error(_invoke("saliency", str(images / "broken.png"), "--run", str(dsah_run), "--bits", "8",
+                            "--out", out), "broken.png")  # fmt: skip
+    _one_line_error(_invoke("saliency", str(images), "--run", str(dsah_run), "--out", out), "8, 16 bits")
+    _one_line_error(_invoke("saliency", str(images), "--run", str(tmp_path), "--out", out), "not a dsah-rt run")
+    dpsh = tmp_path / "dpsh"
+    assert _invoke("train", *TINY, "--method", "dpsh", "--out", str(dpsh)).exit_code == 0
+    _one_line_error(_invoke("saliency", str(images), "--run", str(dpsh), "--out", out), "DSaH run")

@@ -1,0 +1,166 @@
+"""The trainer: determinism, exact resume, freezing in Algorithm 1, outputs, localisation."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dsah_rt.codes import read_codes, read_labels
+from dsah_rt.errors import UserError
+from dsah_rt.metrics import evaluate
+from dsah_rt.train import run as R
+from dsah_rt.train.data import load_dataset
+from dsah_rt.train.trainer import Trainer, TrainOptions, localisation, lr_factor, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TIMING = {"images_per_s", "train_seconds", "epoch_seconds"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic-fg", seed=0, num_classes=3, image_size=32, train_per_class=6, query_per_class=2)
+
+
+def _opts(**kw: Any) -> TrainOptions:
+    # crop+flip and the attention head's dropout make the torch RNG matter for the resume test.
+    return TrainOptions(**{"bits": 8, "input_size": 32, "batch_size": 6, "epochs": 2, "augment": "crop+flip",
+                           "device": "cpu", **kw})  # fmt: skip
+
+
+def _train(data, run_dir: Path, resume: bool = False, **kw: Any) -> list[dict[str, Any]]:
+    return train(_opts(**kw), run_dir, data=data, resume=resume, echo=lambda line: None, progress=io.StringIO())
+
+
+def _without_timing(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
+def test_same_seed_same_run(data, tmp_path: Path) -> None:
+    a = _train(data, tmp_path / "a")
+    b = _train(data, tmp_path / "b")
+    c = _train(data, tmp_path / "c", seed=1)
+    assert R.run_fingerprint(tmp_path / "a") == R.run_fingerprint(tmp_path / "b") != R.run_fingerprint(tmp_path / "c")
+    assert _without_timing(a) == _without_timing(b)
+
+
+@pytest.mark.parametrize("mode", ["iterative", "simultaneous"])
+def test_resume_equals_uninterrupted(data, tmp_path: Path, mode: str) -> None:
+    whole = _train(data, tmp_path / "whole", mode=mode)
+    _train(data, tmp_path / "split", epochs=1, mode=mode)
+    resumed = _train(data, tmp_path / "split", resume=True, mode=mode)
+    assert R.run_fingerprint(tmp_path / "whole") == R.run_fingerprint(tmp_path / "split")
+    assert _without_timing(resumed) == _without_timing(whole)
+    a, b = R.load_checkpoint(tmp_path / "whole"), R.load_checkpoint(tmp_path / "split")
+    assert a["epoch"] == b["epoch"] == 2
+    for name in a["optimizers"]:
+        for pa, pb in zip(a["optimizers"][name]["state"].values(), b["optimizers"][name]["state"].values()):
+            assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    for name in ("query_codes.npy", "db_codes.npy"):
+        assert np.array_equal(read_codes(tmp_path / "whole" / name).packed, read_codes(tmp_path / "split" / name).packed)
+
+
+def test_resume_rules(data, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nothing to resume"):
+        _train(data, tmp_path, resume=True)
+    _train(data, tmp_path, epochs=1)
+    with pytest.raises(UserError, match="already holds a run"):
+        _train(data, tmp_path, epochs=1)
+    with pytest.raises(UserError, match="different lr"):
+        _train(data, tmp_path, resume=True, lr=0.5)
+    assert len(_train(data, tmp_path, resume=True, epochs=1)) == 1  # already done: nothing to train
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_iterative_freezes_the_other_network(data, tmp_path: Path) -> None:
+    trainer = Trainer(_opts(), tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
+    model = trainer.model
+    attention_phase, hashing_phase = trainer.phases
+    assert [attention_phase.name, hashing_phase.name] == ["attention", "hashing"]  # attention first (sec. 4.3)
+
+    att, hsh = _snapshot(model.attention), _snapshot(model.hashing)
+    trainer.train_pass(attention_phase)
+    assert not _changed(hsh, model.hashing), "hashing weights and BatchNorm statistics must not move"
+    assert _changed(att, model.attention)
+    assert all(p.requires_grad for p in model.hashing.parameters()), "freezing is undone after the pass"
+
+    att, hsh = _snapshot(model.attention), _snapshot(model.hashing)
+    trainer.train_pass(hashing_phase)
+    assert not _changed(att, model.attention)
+    changed = _changed(hsh, model.hashing)
+    assert "hash_layer.weight" in changed and any("backbone" in k for k in changed)
+
+
+def test_simultaneous_and_ablations_build_the_right_losses(data, tmp_path: Path) -> None:
+    metrics = _train(data, tmp_path / "sim", mode="simultaneous", epochs=1)
+    assert set(metrics[0]["loss"]) == {"joint"}
+    assert set(metrics[0]["loss"]["joint"]) == {"sem_ori", "sem_sal", "sal", "reg_ori", "reg_sal", "total"}
+    metrics = _train(data, tmp_path / "abl", epochs=1, ablations=("hash-sal", "attention-no-sem", "no-quantization"))
+    assert set(metrics[0]["loss"]["attention"]) == {"sal", "total"}
+    assert set(metrics[0]["loss"]["hashing"]) == {"sem_ori", "sem_sal", "sal", "total"}
+    with pytest.raises(UserError, match="unknown ablation"):
+        _opts(ablations=("nope",)).resolved()
+    with pytest.raises(UserError, match="DSaH only"):
+        _opts(method="dpsh", mode="simultaneous").resolved()
+
+
+def test_dpsh_outputs_and_logged_map(data, tmp_path: Path) -> None:
+    metrics = _train(data, tmp_path, method="dpsh", epochs=1, augment="none")
+    logged = json.loads((tmp_path / R.METRICS).read_text())
+    assert logged == json.loads(json.dumps(metrics))
+    entry = logged[0]
+    assert entry["epoch"] == 1 and set(entry["loss"]) == {"hashing"} and "localisation" not in entry
+    assert entry["images_per_s"] > 0 and entry["train_bits_flipped"] is None
+    config = json.loads((tmp_path / R.CONFIG).read_text())
+    assert config["method"] == "dpsh" and config["input_size"] == 32 and config["training"]["lr"] == 0.01
+    q, d = read_codes(tmp_path / "query_codes.npy"), read_codes(tmp_path / "db_codes.npy")
+    assert q.bits == d.bits == 8 and len(q) == 6 and len(d) == 18
+    assert q.model["fingerprint"] == R.run_fingerprint(tmp_path)
+    ql = read_labels(tmp_path / "query_labels.npy", rows=len(q))
+    dl = read_labels(tmp_path / "db_labels.npy", rows=len(d))
+    assert evaluate(q.packed, d.packed, ql, dl, bits=q.bits)["map"] == entry["map"]
+    # The saved model reproduces the saved codes.
+    model, _ = R.load_run(tmp_path)
+    from dsah_rt.train.trainer import _eval_loader, encode_split
+
+    codes, _ = encode_split(model, _eval_loader(data.query, 32, False), torch.device("cpu"))
+    assert np.array_equal(codes, q.packed)
+
+
+def test_dsah_logs_localisation_and_code_flips(data, tmp_path: Path) -> None:
+    metrics = _train(data, tmp_path, epochs=2)
+    assert all(m["localisation"] > 0 for m in metrics)
+    assert metrics[0]["train_bits_flipped"] is None and 0 <= metrics[1]["train_bits_flipped"] <= 1
+    assert set(metrics[0]["loss"]["attention"]) == {"sal", "sem_sal", "reg_sal", "total"}
+    assert set(metrics[0]["loss"]["hashing"]) == {"sem_ori", "sem_sal", "reg_ori", "reg_sal", "total"}
+
+
+def test_localisation() -> None:
+    salmap = torch.zeros(3, 1, 10, 10)
+    salmap[0] = 1  # flat: no localisation
+    salmap[1, 0, 2:4, 5:10] = 1  # exactly the box
+    salmap[2, 0, 0, 0] = 1  # all mass outside
+    boxes = torch.tensor([[5.0, 2.0, 10.0, 4.0]] * 3)
+    torch.testing.assert_close(localisation(salmap, boxes), torch.tensor([1.0, 10.0, 0.0]))
+    half = torch.ones(1, 1, 4, 4)
+    torch.testing.assert_close(localisation(half, torch.tensor([[0.5, 0.0, 1.5, 4.0]])), torch.tensor([1.0]))
+
+
+def test_lr_factor() -> None:
+    assert [lr_factor("none", e, 4) for e in range(4)] == [1.0] * 4
+    assert [round(lr_factor("step", e, 4), 6) for e in range(4)] == [1.0, 1.0, 0.1, 0.01]
+    assert lr_factor("cosine", 0, 4) == 1.0 and lr_factor("cosine", 2, 4) == pytest.approx(0.5)

@@ -1,0 +1,99 @@
+"""`dsah-rt train` and `dsah-rt saliency`. torch and the training modules are imported inside the
+commands, so `dsah-rt --help` does not pay for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dsah_rt.errors import UserError
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as JSON where it parses (numbers, true/false, null), else a string."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise UserError(f"--data-option {text!r}: expected key=value")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+@click.command("train")
+@click.option("--data", required=True, help="Dataset name (synthetic-fg, digits, ...), folder, or name:folder.")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
+              help="A dataset option, e.g. num_classes=5 (repeatable).")
+@click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the dataset's sampling or generation.")
+@click.option("--bits", type=int, multiple=True, default=(12,), show_default=True,
+              help="Code length; repeat for one sub-run per length (OUT/bits-K).")
+@click.option("--method", type=click.Choice(["dsah", "dpsh"]), default="dsah", show_default=True)
+@click.option("--backbone", default="small", show_default=True, help="vgg16, efficientnet_lite0 or small.")
+@click.option("--weights", default=None,
+              help="imagenet, none or a state-dict path [default: imagenet, none for the small backbone].")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--mode", type=click.Choice(["iterative", "simultaneous"]), default="iterative", show_default=True,
+              help="Algorithm 1, or both networks on Eq. 18 (Table 3).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate per image [default: sgd 0.01, adam 3e-4].")
+@click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--input-size", type=int, default=None, help="Square input side [default: the backbone's].")
+@click.option("--lambda", "lam", type=float, default=None, help="Semantic weight [default: 30; 60 simultaneous].")
+@click.option("--alpha", type=float, default=None, help="Saliency weight [default: 40; 0.01 simultaneous].")
+@click.option("--margin", type=float, default=None, help="Saliency margin m [default: bits/4].")
+@click.option("--margin-units", type=click.Choice(["bits", "unit"]), default="bits", show_default=True,
+              help="Distances of Eq. 9 in bits (k|...|) or as written, in [0, 1].")
+@click.option("--ablation", "ablations", multiple=True,
+              type=click.Choice(["hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization"]),
+              help="Table 4 switches (repeatable).")
+@click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="none", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", "num_workers", type=int, default=0, show_default=True, help="Data loader processes.")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads [default: torch's]; 1 on a busy machine avoids threads spinning on each other.")
+def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -> None:
+    """Train DSaH (Algorithm 1) or the DPSH baseline; checkpoint, metrics and codes go to --out."""
+    import torch
+
+    from dsah_rt.train.data import load_dataset
+    from dsah_rt.train.run import sub_run_dir
+    from dsah_rt.train.trainer import TrainOptions, train as train_run
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    options = dict(_parse_option(o) for o in data_options)
+    bits = tuple(dict.fromkeys(bits))
+    runs = [TrainOptions(data=data, data_options=options, data_seed=data_seed, bits=k, **kwargs) for k in bits]
+    for opts in runs:  # every option checked before the data is loaded, so a bad one fails at once
+        opts.resolved()
+    dataset = load_dataset(data, seed=data_seed, **options)
+    for opts in runs:
+        run_dir = sub_run_dir(out, opts.bits, bits)
+        metrics = train_run(opts, run_dir, data=dataset, resume=resume, echo=lambda line: click.echo(line, err=True))
+        click.echo(f"{run_dir}: {opts.bits} bits, {len(metrics)} epochs, MAP {metrics[-1]['map']:.4f}")
+
+
+@click.command("saliency")
+@click.argument("images", type=click.Path(exists=True))
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A DSaH run folder.")
+@click.option("--bits", type=int, default=None, help="Which sub-run, for a run trained with several --bits.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--device", default="auto", show_default=True)
+def saliency(images, run_dir, bits, out, device) -> None:
+    """Write IMAGES (a file or a folder) with their saliency map (image | overlay | saliency image) as PNGs."""
+    from dsah_rt.train.saliency_viz import render_saliency
+
+    written, skipped = render_saliency(Path(images), run_dir, Path(out), bits=bits, device=device,
+                                       echo=lambda line: click.echo(line, err=True))
+    click.echo(f"{written} saliency images -> {out}" + (f" ({skipped} skipped)" if skipped else ""))

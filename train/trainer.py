@@ -1,0 +1,571 @@
+"""Training: Algorithm 1 (iterative), Eq. 18 (simultaneous), the DPSH baseline; checkpoints and resume.
+
+One epoch of the default, iterative mode (Algorithm 1, attention first as in sec. 4.3):
+
+  1. B = codes of the training set (Eq. 17). Eq. 12 makes b = sign(u) of the current batch in the
+     losses, so B itself is logged as convergence: `train_bits_flipped`, the share of B's bits
+     that changed since the previous epoch (the paper's Fig. 6 in one number).
+  2. a pass over the training set updating the attention network with Eq. 14; the hashing
+     network is frozen (no gradients, eval mode so its BatchNorm statistics and dropout are
+     fixed too). Gradients still flow *through* it to the saliency image.
+  3. a pass updating the hashing network with Eq. 13; the attention network is frozen the same
+     way and its saliency images are computed without a graph.
+
+`mode="simultaneous"` trains both networks in one pass on Eq. 18 (Table 3); `method="dpsh"` trains
+the hashing network alone on the DPSH loss, with the same backbone, batch, epochs and optimiser.
+
+Loss scale: the objectives are sums over the N(N-1)/2 pairs of a batch, as the paper writes them,
+and the weights lambda/alpha are calibrated against those sums. The trainer divides each total by
+the batch size N before the backward pass: every ratio between terms stays the paper's and only
+the step is rescaled, so learning rates are per image. Defaults: SGD 0.01, the paper's optimiser,
+stable but slow from a random init (DPSH on digits did not move in 8 epochs; 0.02 and up gave
+NaN: u is unbounded and the pairwise losses grow with it); Adam 3e-4, chosen for DSaH on a
+validation split (bench/results/train-evidence.md; DPSH preferred 1e-3 there). Full batches only
+(`drop_last`): a short last batch has fewer pairs per image, so a differently weighted loss.
+
+Saliency margin units: `margin_units="bits"` by default (see `saliency_loss`): d = k |S - (u.u+k)/2k|,
+on which m = k/4 is a margin that can be met; in `"unit"` the hinge never switches off. The
+experiment behind this choice is in bench/results/train-evidence.md.
+
+Determinism: same seed, same device (CPU) and thread count, same result. The model is initialised
+from `seed`; the shuffling uses its own generator; augmentation and dropout use torch's global RNG
+(evaluation loaders have their own, so evaluating does not move it). The checkpoint
+written after every epoch holds all of these states, so `resume=True` continues exactly where an
+interrupted run stopped: a resumed run equals an uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dsah_rt.atomic import atomic_write
+from dsah_rt.codes import binarize, pack, write_codes
+from dsah_rt.errors import UserError
+from dsah_rt.metrics import evaluate
+from dsah_rt.train import losses as L
+from dsah_rt.train import run as R
+from dsah_rt.train.data import RetrievalData, load_dataset
+from dsah_rt.train.data.torch_dataset import TorchSplit
+from dsah_rt.train.models import DSaH, build_model, model_from_config
+
+METHODS = ("dsah", "dpsh")
+MODES = ("iterative", "simultaneous")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("none", "cosine", "step")
+AUGMENTS = ("none", "crop", "crop+flip")
+# Switches relative to the paper's best setting (Table 4's last row): hashing on J_sem, attention
+# on J_sem + J_sal. "no-quantization" drops every J_reg term.
+ABLATIONS = ("hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization")
+DEFAULT_LR = {"sgd": 0.01, "adam": 3e-4}
+EVAL_BATCH = 128
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run, as written into config.json's `training`."""
+
+    data: str = "synthetic-fg"
+    data_options: dict[str, Any] = field(default_factory=dict)
+    data_seed: int = 0
+    method: str = "dsah"
+    backbone: str = "small"
+    bits: int = 12
+    weights: str | None = None  # None: "imagenet" where the backbone has such weights, else "none"
+    input_size: int | None = None  # None: the backbone's own
+    mode: str = "iterative"
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "none"
+    lam: float | None = None  # None: 30 (iterative) or 60 (simultaneous)
+    alpha: float | None = None  # None: 40 (iterative) or 0.01 (simultaneous)
+    margin: float | None = None  # None: k/4
+    margin_units: L.Units = "bits"
+    eta: float = L.DPSH_ETA
+    ablations: tuple[str, ...] = ()
+    augment: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+
+    def resolved(self) -> TrainOptions:
+        """A copy with every None default filled in, validated."""
+        checks = (("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                  ("augment", AUGMENTS), ("margin_units", ("bits", "unit")))  # fmt: skip
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        unknown = sorted(set(self.ablations) - set(ABLATIONS))
+        if unknown:
+            raise UserError(f"unknown ablation {unknown[0]!r}; known: {', '.join(ABLATIONS)}")
+        if self.method == "dpsh" and (self.ablations or self.mode != "iterative"):
+            raise UserError("DPSH has one network and one loss: --mode and --ablation apply to DSaH only")
+        if self.mode == "simultaneous" and {"hash-sal", "attention-no-sem"} & set(self.ablations):
+            raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
+        if {"attention-no-sem", "attention-no-sal"} <= set(self.ablations):
+            raise UserError("ablations attention-no-sem and attention-no-sal together leave the attention network no loss")
+        for name in ("epochs", "batch_size", "bits"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError("batch_size must be at least 2: the losses are over pairs within a batch")
+        simultaneous = self.mode == "simultaneous"
+        return TrainOptions(**{
+            **asdict(self),
+            "weights": self.weights or default_weights(self.backbone),
+            "lr": DEFAULT_LR[self.optimizer] if self.lr is None else self.lr,
+            "lam": (L.SIMULTANEOUS_LAMBDA if simultaneous else L.LAMBDA) if self.lam is None else self.lam,
+            "alpha": (L.SIMULTANEOUS_ALPHA if simultaneous else L.ALPHA) if self.alpha is None else self.alpha,
+            "margin": self.bits / 4 if self.margin is None else self.margin,
+            "ablations": tuple(sorted(set(self.ablations))),
+        })  # fmt: skip
+
+
+def default_weights(backbone: str) -> str:
+    return "none" if backbone == "small" else "imagenet"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+# ------------------------------------------------------------------------------------ phases
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Phase:
+    """One pass over the training set: `trains` is updated by `optimizer` on `objective`, `frozen` is not."""
+
+    name: str
+    trains: nn.Module
+    frozen: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+
+
+@contextmanager
+def frozen(module: nn.Module | None) -> Iterator[None]:
+    """No gradients for `module`'s parameters and eval mode (fixed BatchNorm statistics, no dropout)."""
+    if module is None:
+        yield
+        return
+    flags = [p.requires_grad for p in module.parameters()]
+    was_training = module.training
+    module.requires_grad_(False).eval()
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def _objectives(opts: TrainOptions, bits: int) -> dict[str, Objective]:
+    """The loss of each phase, as a function of (model, images, S)."""
+    ablations = set(opts.ablations)
+    common = {"margin": opts.margin, "units": opts.margin_units}
+    quantization = "no-quantization" not in ablations
+
+    def attention(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():  # u does not depend on the attention network
+            u = model.hashing(x)
+        u_sal = model.hashing(model.saliency(x)[1])
+        return L.attention_objective(
+            u, u_sal, S, bits, alpha=opts.alpha, lam=opts.lam, semantic="attention-no-sem" not in ablations,
+            saliency="attention-no-sal" not in ablations, quantization=quantization, **common,
+        )  # fmt: skip
+
+    def hashing(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            y = model.saliency(x)[1]
+        return L.hashing_objective(
+            model.hashing(x), model.hashing(y), S, bits, lam=opts.lam, alpha=opts.alpha,
+            saliency="hash-sal" in ablations, quantization=quantization, **common,
+        )  # fmt: skip
+
+    def joint(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        u, u_sal, _ = model(x)
+        return L.simultaneous_objective(
+            u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="attention-no-sal" not in ablations,
+            quantization=quantization, **common,
+        )  # fmt: skip
+
+    def dpsh(model: nn.Module, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = L.dpsh_loss(model(x), S, opts.eta)
+        return loss, {"total": float(loss.detach())}
+
+    return {"attention": attention, "hashing": hashing, "joint": joint, "dpsh": dpsh}
+
+
+def _optimizer(opts: TrainOptions, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+def build_phases(model: nn.Module, opts: TrainOptions) -> list[Phase]:
+    """The passes of one epoch, in order, each with its own optimiser."""
+    objectives = _objectives(opts, model.hashing.bits)
+    if opts.method == "dpsh":
+        return [Phase("hashing", model, None, _optimizer(opts, list(model.parameters())), objectives["dpsh"])]
+    if opts.mode == "simultaneous":
+        return [Phase("joint", model, None, _optimizer(opts, list(model.parameters())), objectives["joint"])]
+    return [
+        Phase("attention", model.attention, model.hashing, _optimizer(opts, list(model.attention.parameters())),
+              objectives["attention"]),
+        Phase("hashing", model.hashing, model.attention, _optimizer(opts, list(model.hashing.parameters())),
+              objectives["hashing"]),
+    ]  # fmt: skip
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier for 0-based `epoch`: a pure function of it, so resuming needs no state."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+    if schedule == "step":  # x0.1 after half the epochs and again after three quarters
+        return 0.1 ** ((epoch >= epochs / 2) + (epoch >= 3 * epochs / 4))
+    return 1.0
+
+
+# ---------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A one-line progress bar on a terminal; on a pipe or file, a line at every quarter."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.next_line = 0.25
+
+    def update(self, n: int, status: str) -> None:
+        self.done += n
+        share = self.done / max(self.total, 1)
+        width = 24
+        bar = "#" * int(width * share) + "-" * (width - int(width * share))
+        line = f"{self.label} [{bar}] {self.done}/{self.total} {status}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        elif share >= self.next_line or self.done >= self.total:
+            self.stream.write(line + "\n")
+            self.next_line = math.floor(share * 4 + 1) / 4
+        self.stream.flush()
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+def localisation(salmap: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Per image: share of saliency mass inside the box / the box's share of the image area.
+
+    1.0 is what a flat map scores (no localisation); higher means mass concentrated on the box.
+    Boxes are (x0, y0, x1, y1) in pixels with fractional edges; a pixel counts by the part of it
+    the box covers.
+    """
+    height, width = salmap.shape[-2:]
+
+    def coverage(lo: torch.Tensor, hi: torch.Tensor, size: int) -> torch.Tensor:
+        p = torch.arange(size, dtype=salmap.dtype, device=salmap.device)
+        return (torch.minimum(p + 1, hi[:, None]) - torch.maximum(p, lo[:, None])).clamp(0, 1)
+
+    boxes = boxes.to(salmap)
+    cover = coverage(boxes[:, 1], boxes[:, 3], height)[:, :, None] * coverage(boxes[:, 0], boxes[:, 2], width)[:, None, :]
+    mass = salmap[:, 0]
+    inside = (mass * cover).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)).clamp_min(1e-12)
+    area = cover.sum(dim=(1, 2)) / (height * width)
+    return inside / area.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def encode_split(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(packed codes, per-image localisation or None) of a split; `model` must be in eval mode.
+
+    For DSaH the saliency map is computed once and used for both: the code is Hash(y), Eq. 17.
+    """
+    codes, scores = [], []
+    for batch in loader:
+        x = batch[0].to(device)
+        if isinstance(model, DSaH):
+            salmap, y = model.saliency(x)
+            u = model.hashing(y)
+            if len(batch) == 4:
+                scores.append(localisation(salmap, batch[3].to(device)).cpu())
+        else:
+            u = model.encode(x)
+        codes.append(pack(binarize(u.cpu().numpy())))
+    return np.concatenate(codes), (torch.cat(scores).numpy() if scores else None)
+
+
+def evaluate_keeping_threads(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`dsah_rt.metrics.evaluate`, leaving torch's thread count as it was.
+
+    numba's OpenMP threading layer sets the process's OpenMP thread count when its first parallel
+    kernel runs, and torch shares that runtime: a run started with 1 thread would continue with
+    all cores after the first evaluation, computing (slightly) different sums than a resumed run.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return evaluate(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+def _labels_array(labels: np.ndarray) -> np.ndarray:
+    return labels.astype(np.uint8) if labels.ndim == 2 else labels.astype(np.int64)
+
+
+def _eval_loader(split, size: int, boxes: bool) -> DataLoader:
+    # Its own generator: a loader without one draws a seed from torch's global RNG on every pass,
+    # so an extra evaluation pass (as after a resume) would change the training's random stream.
+    return DataLoader(
+        TorchSplit(split, size, with_boxes=boxes), batch_size=EVAL_BATCH, shuffle=False, generator=torch.Generator()
+    )
+
+
+@contextmanager
+def _deterministic() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+# Options that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers"})
+
+
+class Trainer:
+    """One run (one code length) in `run_dir`. `fit()` trains up to `opts.epochs` and returns the metrics."""
+
+    def __init__(
+        self,
+        opts: TrainOptions,
+        run_dir: str | Path,
+        data: RetrievalData | None = None,
+        resume: bool = False,
+        echo: Callable[[str], None] | None = None,
+        progress: TextIO | None = None,
+    ) -> None:
+        self.opts = opts.resolved()
+        self.run_dir = Path(run_dir)
+        self.echo = echo or (lambda line: print(line, file=sys.stderr))
+        self.progress_stream = progress
+        self.device = resolve_device(self.opts.device)
+        checkpoint_exists = (self.run_dir / R.CHECKPOINT).is_file()
+        if resume and not checkpoint_exists:
+            raise UserError(f"{self.run_dir}: nothing to resume (no {R.CHECKPOINT})")
+        if not resume and checkpoint_exists:
+            raise UserError(f"{self.run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
+        state = R.load_checkpoint(self.run_dir) if resume else None
+        if state is not None:
+            self._check_resumable(state["config"]["training"])
+
+        self.data = data if data is not None else load_dataset(
+            self.opts.data, seed=self.opts.data_seed, **self.opts.data_options
+        )
+        torch.manual_seed(self.opts.seed)
+        if state is None:
+            self.model = build_model(self.opts.method, self.opts.backbone, self.opts.bits, weights=self.opts.weights)
+            self.weights_source = self.model.hashing.backbone.weights_source
+        else:
+            self.model = model_from_config(state["config"])
+            self.model.load_state_dict(state["model"])
+            self.weights_source = state["config"]["weights_source"]
+        self.model.to(self.device)
+        self.input_size = self.opts.input_size or self.model.hashing.backbone.input_size
+        self.config = R.resolved_config(self.model, self.input_size, _jsonable(asdict(self.opts)), self.weights_source)
+        self.phases = build_phases(self.model, self.opts)
+
+        crop = self.opts.augment != "none"
+        train_set = TorchSplit(self.data.train, self.input_size, augment=crop, flip=self.opts.augment == "crop+flip")
+        if len(train_set) < 2:
+            raise UserError(f"dataset {self.data.name}: the training split needs at least 2 images")
+        self.generator = torch.Generator().manual_seed(self.opts.seed)
+        self.train_loader = DataLoader(
+            train_set, batch_size=min(self.opts.batch_size, len(train_set)), shuffle=True, drop_last=True,
+            generator=self.generator, num_workers=self.opts.num_workers,
+        )  # fmt: skip
+        with_boxes = isinstance(self.model, DSaH) and self.data.query.boxes is not None
+        self.query_loader = _eval_loader(self.data.query, self.input_size, with_boxes)
+        self.train_eval_loader = _eval_loader(self.data.train, self.input_size, False)
+        self.db_eval_loader = (
+            self.train_eval_loader if self.data.database is self.data.train
+            else _eval_loader(self.data.database, self.input_size, False)
+        )
+
+        self.epoch = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.train_codes: np.ndarray | None = None  # B of the last epoch
+        self.db_codes: np.ndarray | None = None  # of the model as it is now, when the database is the train set
+        if state is not None:
+            self._restore(state)
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        now = _jsonable(asdict(self.opts))
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            k = changed[0]
+            raise UserError(
+                f"{self.run_dir}: cannot resume with a different {k} ({saved.get(k)!r} in the run, {now[k]!r} now); "
+                f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+            )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for phase in self.phases:
+            phase.optimizer.load_state_dict(state["optimizers"][phase.name])
+        R.restore_rng_states(state["rng"])
+        self.generator.set_state(state["rng"]["loader"])
+        self.epoch = state["epoch"]
+        self.metrics = list(state["metrics"])
+        codes = state.get("extra", {}).get("train_codes")
+        self.train_codes = None if codes is None else codes.numpy()
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train from the current epoch to `opts.epochs`, checkpointing after each; return all metrics."""
+        if self.epoch == 0 and not self.metrics:
+            self.echo(f"{self.opts.method} {self.opts.bits} bits, backbone {self.opts.backbone}: weights {self.weights_source}")
+        elif self.epoch >= self.opts.epochs:
+            self.echo(f"{self.run_dir}: already trained for {self.epoch} epochs (asked for {self.opts.epochs})")
+        else:
+            self.echo(f"{self.run_dir}: resuming after epoch {self.epoch} of {self.opts.epochs}")
+        with _deterministic():
+            while self.epoch < self.opts.epochs:
+                self._epoch()
+        return self.metrics
+
+    def _epoch(self) -> None:
+        epoch = self.epoch
+        start = time.perf_counter()
+        self.model.eval()
+        b = self.db_codes if self.db_codes is not None else encode_split(self.model, self.train_eval_loader, self.device)[0]
+        flipped = None if self.train_codes is None else float(
+            np.unpackbits(b ^ self.train_codes, axis=1, count=self.opts.bits).mean()
+        )  # fmt: skip
+        self.train_codes = b
+
+        losses, images, train_seconds = {}, 0, 0.0
+        for phase in self.phases:
+            lr = self.opts.lr * lr_factor(self.opts.schedule, epoch, self.opts.epochs)
+            for group in phase.optimizer.param_groups:
+                group["lr"] = lr
+            tick = time.perf_counter()
+            losses[phase.name] = self.train_pass(phase, f"epoch {epoch + 1}/{self.opts.epochs} {phase.name}")
+            train_seconds += time.perf_counter() - tick
+            images += len(self.train_loader) * self.train_loader.batch_size
+
+        self.model.eval()
+        query, loc = encode_split(self.model, self.query_loader, self.device)
+        db, _ = encode_split(self.model, self.db_eval_loader, self.device)
+        self.db_codes = db if self.data.database is self.data.train else None
+        ev = evaluate_keeping_threads(query, db, self.data.query.labels, self.data.database.labels, bits=self.opts.bits)
+        entry = {
+            "epoch": epoch + 1,
+            "map": ev["map"],
+            "map_tie_aware": ev["map_tie_aware"],
+            "precision_at_radius": ev["precision_at_radius"],
+            "loss": losses,
+            "lr": lr,
+            "train_bits_flipped": flipped,
+            "images_per_s": images / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds,
+            "epoch_seconds": time.perf_counter() - start,
+        }
+        if loc is not None:
+            entry["localisation"] = float(loc.mean())
+        self.metrics.append(entry)
+        self.epoch += 1
+        self._save(query, db)
+        shown = f"epoch {epoch + 1}/{self.opts.epochs}: MAP {entry['map']:.4f}"
+        if loc is not None:
+            shown += f", localisation {entry['localisation']:.2f}"
+        self.echo(shown + f", {entry['images_per_s']:.0f} images/s")
+
+    def train_pass(self, phase: Phase, label: str = "") -> dict[str, float]:
+        """One pass over the training set for `phase`; the mean of each logged term per batch."""
+        phase.trains.train()
+        sums: dict[str, float] = {}
+        bar = Progress(len(self.train_loader) * self.train_loader.batch_size, label, self.progress_stream)
+        tick, seen = time.perf_counter(), 0
+        with frozen(phase.frozen):
+            for batch in self.train_loader:
+                x, labels = batch[0].to(self.device), batch[1].to(self.device)
+                S = L.similarity(labels, labels)
+                loss, logs = phase.objective(self.model, x, S)
+                if not math.isfinite(logs["total"]):
+                    raise UserError(f"{label}: the loss is not finite ({logs['total']}); lower --lr")
+                phase.optimizer.zero_grad(set_to_none=True)
+                (loss / len(x)).backward()
+                phase.optimizer.step()
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                seen += len(x)
+                bar.update(len(x), f"loss {logs['total']:.1f} {seen / (time.perf_counter() - tick):.0f} img/s")
+        return {key: value / len(self.train_loader) for key, value in sums.items()}
+
+    def _save(self, query: np.ndarray, db: np.ndarray) -> None:
+        rng = {**R.capture_rng_states(), "loader": self.generator.get_state()}
+        optimizers = {phase.name: phase.optimizer.state_dict() for phase in self.phases}
+        extra = {"train_codes": torch.from_numpy(self.train_codes)}
+        R.save_checkpoint(self.run_dir, self.model, optimizers, self.epoch, self.config, rng, self.metrics, extra=extra)
+        described = {
+            "run": str(self.run_dir), "method": self.opts.method, "bits": self.opts.bits, "epoch": self.epoch,
+            "fingerprint": R.state_fingerprint(self.model.state_dict()),
+        }  # fmt: skip
+        write_codes(self.run_dir / "query_codes.npy", query, self.opts.bits, model=described)
+        write_codes(self.run_dir / "db_codes.npy", db, self.opts.bits, model=described)
+        for name, labels in (("query_labels.npy", self.data.query.labels), ("db_labels.npy", self.data.database.labels)):
+            arr = _labels_array(labels)
+            atomic_write(self.run_dir / name, lambda fh, arr=arr: np.save(fh, arr, allow_pickle=False))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples as lists, so a config read back from JSON compares equal to a fresh one."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def train(
+    opts: TrainOptions,
+    run_dir: str | Path,
+    data: RetrievalData | None = None,
+    resume: bool = False,
+    echo: Callable[[str], None] | None = None,
+    progress: TextIO | None = None,
+) -> list[dict[str, Any]]:
+    """Train (or resume) one run in `run_dir`; returns the per-epoch metrics also in metrics.json."""
+    return Trainer(opts, run_dir, data=data, resume=resume, echo=echo, progress=progress).fit()
