@@ -32,6 +32,7 @@ import click
 import numpy as np
 
 from dsah_rt.atomic import atomic_write, write_json
+from dsah_rt.bench.timing import load, seconds
 from dsah_rt.codes import unpack
 from dsah_rt.encode import decoded_chunks, encode_folder
 from dsah_rt.images import scan
@@ -39,10 +40,6 @@ from dsah_rt.runners import make_runner
 
 MODELS = {"efficientnet_lite0": ("imagenet", 224), "small": ("none", 64)}
 BITS = 48
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def make_run(run_dir: Path, backbone: str) -> Path:
@@ -69,12 +66,6 @@ def export(work: Path, backbone: str) -> tuple[Path, Path, float]:
     return run, onnx_path, time.perf_counter() - start
 
 
-def _seconds(fn) -> float:  # noqa: ANN001 - any callable
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def ort_vs_torch(run: Path, onnx_path: Path, size: int, threads: int, repeat: int, quick: bool) -> list[dict[str, Any]]:
     import torch
 
@@ -90,8 +81,8 @@ def ort_vs_torch(run: Path, onnx_path: Path, size: int, threads: int, repeat: in
             reps = repeat if batch > 1 else 2 * repeat
             t_ort, t_torch = [], []
             for _ in range(reps):  # interleaved, so load changes hit both
-                t_ort.append(_seconds(lambda: ort.infer(images)))
-                t_torch.append(_seconds(lambda: ref.infer(images)))
+                t_ort.append(seconds(lambda: ort.infer(images)))
+                t_torch.append(seconds(lambda: ref.infer(images)))
             check = scene_images(32 if quick else 128, size, seed=7)
             a, b = ort.infer(check), ref.infer(check)
             agree = 1.0 - float((unpack(a, BITS) != unpack(b, BITS)).mean())

@@ -11,7 +11,6 @@ headroom is visible.
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +23,7 @@ from numba import njit, prange
 from dsah_rt import hamming
 from dsah_rt.atomic import atomic_write, write_json
 from dsah_rt.bench.reference import numpy_map, numpy_tie_aware_map
+from dsah_rt.bench.timing import machine
 from dsah_rt.codes import pack
 from dsah_rt.index import BinaryIndex
 
@@ -216,16 +216,10 @@ def run_benchmark(quick: bool, threads: int) -> dict[str, Any]:
     big = 100_000 if quick else 1_000_000
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
-                    "cores": numba.config.NUMBA_NUM_THREADS},
+        "machine": {"cpu": machine()["cpu"], "threads": threads, "cores": numba.config.NUMBA_NUM_THREADS},
         "versions": {"numpy": np.__version__, "numba": numba.__version__, "faiss": faiss_version},
         "quick": quick,
     }
-    try:
-        report["machine"]["cpu"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     report["limits"] = machine_limits(big)
     report["map"] = [
         bench_map(1000, 59_000, 48, 10, numpy_queries=100 if quick else 1000),

@@ -23,6 +23,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "export": "dsah_rt.export.cli:export",
     "verify": "dsah_rt.export.cli:verify",
     "encode": "dsah_rt.cli_encode:encode",
+    "bench": "dsah_rt.bench.cli:bench",
+    "demo": "dsah_rt.bench.main_job:demo",
 }
 
 
@@ -172,16 +174,6 @@ def search_command(db_codes, query_codes, query_images, model_path, backend, k, 
     seconds = time.perf_counter() - start
     atomic_write(out, lambda fh: np.savez(fh, indices=indices, distances=distances, seconds=np.float64(seconds)))
     click.echo(f"{len(q)} queries x {len(d)} codes, k={k}: {seconds:.4f} s -> {out}")
-
-
-@main.command("demo")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--seed", default=0, show_default=True, help="Random seed of the generated data.")
-def demo_command(out, seed) -> None:
-    """The main job on embedded defaults (see README)."""
-    from dsah_rt.demo import run_demo
-
-    run_demo(Path(out), seed=seed, echo=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,29 @@
+"""The main job end to end, shortened to one epoch and a tiny benchmark (the full run is `make demo`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dsah_rt.bench.main_job import run_main_job
+from dsah_rt.codes import read_codes
+
+
+def test_main_job_runs_every_stage(tmp_path):
+    report = run_main_job(tmp_path, epochs=1, bench=False, echo=lambda line: None)
+    index = (tmp_path / "index.md").read_text()
+    for section in ("Retrieval quality", "Export", "Encode", "Retrieval core benchmark"):
+        assert section in index
+    # The exported graph run by ONNX Runtime on the PNG folder reproduces the trainer's codes.
+    assert report["onnx_encoded_eval"]["bit_agreement_with_trainer_codes"] >= 0.999
+    assert report["export"]["onnx"]["ok"]
+    assert set(report["results"]) == {"DSaH", "DPSH"}
+    for m in report["results"].values():
+        assert 0 <= m["map_tie_worst"] <= m["map_tie_aware"] <= m["map_tie_best"] <= 1
+    q = read_codes(tmp_path / "query_codes.npy")
+    assert q.bits == 24 and len(q) == report["sizes"]["query"] and not q.skipped
+    assert (tmp_path / "pr.png").stat().st_size > 0
+    assert len(list((tmp_path / "saliency").glob("*.png"))) == 8
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert np.isclose(saved["results"]["DSaH"]["map"], report["results"]["DSaH"]["map"])
