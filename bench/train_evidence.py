@@ -72,9 +72,8 @@ def hash_only_map(run_dir: Path, data: RetrievalData, size: int) -> float:
     model, _ = load_run(run_dir)
 
     def codes(split: Split) -> np.ndarray:
-        images = TorchSplit(split, size)
-        return np.concatenate([pack(binarize(model.hashing(torch.stack([images[j][0] for j in range(i, min(i + 128, len(images)))])).numpy()))
-                               for i in range(0, len(images), 128)])  # fmt: skip
+        loader = torch.utils.data.DataLoader(TorchSplit(split, size), batch_size=128)
+        return np.concatenate([pack(binarize(model.hashing(x).numpy())) for x, *_ in loader])
 
     bits = model.hashing.bits
     return evaluate_keeping_threads(codes(data.query), codes(data.database), data.query.labels,
@@ -258,8 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="Tiny data and 2 epochs: checks the script, proves nothing.")
-    parser.add_argument("--runs", type=Path, default=None, help="Keep the run folders here (default: a deleted temp folder).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Tiny data and 2 epochs: checks the script, proves nothing.")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="Keep the run folders here (default: a deleted temp folder).")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     set_threads(1)
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "-quick" if args.quick else ""
     text = report(results, command, epochs, seconds)
     atomic_write(args.out / f"train-evidence{suffix}.md", lambda fh: fh.write(text.encode()))
-    write_json(args.out / f"train-evidence{suffix}.json", {"command": command, "seconds": seconds, **_jsonable(results)})
+    write_json(args.out / f"train-evidence{suffix}.json",
+               {"command": command, "seconds": seconds, **_jsonable(results)})
     print(text)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -72,6 +73,9 @@ def test_write_and_read_with_manifest(tmp_path):
     assert got.bits == 12 and got.rows == list("abcd") and got.skipped[0]["reason"] == "truncated"
     np.testing.assert_array_equal(got.packed, codes.pack(b01))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "codes.npy.json"]  # no temp files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask  # readable like any file, not mkstemp's 0600
 
 
 def test_manifest_from_another_array_is_refused(tmp_path):

@@ -28,7 +28,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--data", required=True, help="Dataset name (synthetic-fg, digits, ...), folder, or name:folder.")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
               help="A dataset option, e.g. num_classes=5 (repeatable).")
-@click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the dataset's sampling or generation.")
+@click.option("--data-seed", type=int, default=0, show_default=True,
+              help="Seed of the dataset's sampling or generation.")
 @click.option("--bits", type=int, multiple=True, default=(12,), show_default=True,
               help="Code length; repeat for one sub-run per length (OUT/bits-K).")
 @click.option("--method", type=click.Choice(["dsah", "dpsh"]), default="dsah", show_default=True)

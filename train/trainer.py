@@ -118,7 +118,7 @@ class TrainOptions:
         if self.mode == "simultaneous" and {"hash-sal", "attention-no-sem"} & set(self.ablations):
             raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
         if {"attention-no-sem", "attention-no-sal"} <= set(self.ablations):
-            raise UserError("ablations attention-no-sem and attention-no-sal together leave the attention network no loss")
+            raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
         for name in ("epochs", "batch_size", "bits"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -294,7 +294,9 @@ def localisation(salmap: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return (torch.minimum(p + 1, hi[:, None]) - torch.maximum(p, lo[:, None])).clamp(0, 1)
 
     boxes = boxes.to(salmap)
-    cover = coverage(boxes[:, 1], boxes[:, 3], height)[:, :, None] * coverage(boxes[:, 0], boxes[:, 2], width)[:, None, :]
+    rows = coverage(boxes[:, 1], boxes[:, 3], height)
+    cols = coverage(boxes[:, 0], boxes[:, 2], width)
+    cover = rows[:, :, None] * cols[:, None, :]
     mass = salmap[:, 0]
     inside = (mass * cover).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)).clamp_min(1e-12)
     area = cover.sum(dim=(1, 2)) / (height * width)
@@ -387,7 +389,7 @@ class Trainer:
         if resume and not checkpoint_exists:
             raise UserError(f"{self.run_dir}: nothing to resume (no {R.CHECKPOINT})")
         if not resume and checkpoint_exists:
-            raise UserError(f"{self.run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
+            raise UserError(f"{self.run_dir}: already holds a run; pass --resume to continue it or choose another --out")
         state = R.load_checkpoint(self.run_dir) if resume else None
         if state is not None:
             self._check_resumable(state["config"]["training"])
@@ -455,7 +457,8 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train from the current epoch to `opts.epochs`, checkpointing after each; return all metrics."""
         if self.epoch == 0 and not self.metrics:
-            self.echo(f"{self.opts.method} {self.opts.bits} bits, backbone {self.opts.backbone}: weights {self.weights_source}")
+            o = self.opts
+            self.echo(f"{o.method} {o.bits} bits, backbone {o.backbone}: weights {self.weights_source}")
         elif self.epoch >= self.opts.epochs:
             self.echo(f"{self.run_dir}: already trained for {self.epoch} epochs (asked for {self.opts.epochs})")
         else:
@@ -469,7 +472,9 @@ class Trainer:
         epoch = self.epoch
         start = time.perf_counter()
         self.model.eval()
-        b = self.db_codes if self.db_codes is not None else encode_split(self.model, self.train_eval_loader, self.device)[0]
+        b = self.db_codes
+        if b is None:
+            b = encode_split(self.model, self.train_eval_loader, self.device)[0]
         flipped = None if self.train_codes is None else float(
             np.unpackbits(b ^ self.train_codes, axis=1, count=self.opts.bits).mean()
         )  # fmt: skip
@@ -545,7 +550,8 @@ class Trainer:
         }  # fmt: skip
         write_codes(self.run_dir / "query_codes.npy", query, self.opts.bits, model=described)
         write_codes(self.run_dir / "db_codes.npy", db, self.opts.bits, model=described)
-        for name, labels in (("query_labels.npy", self.data.query.labels), ("db_labels.npy", self.data.database.labels)):
+        for name, labels in (("query_labels.npy", self.data.query.labels),
+                             ("db_labels.npy", self.data.database.labels)):
             arr = _labels_array(labels)
             atomic_write(self.run_dir / name, lambda fh, arr=arr: np.save(fh, arr, allow_pickle=False))
 

@@ -72,6 +72,9 @@ def test_onnx_with_and_without_its_run(model, tmp_path):
     assert ort["status"] == "ok" and ort["bit_agreement"] is None
     assert torch_cpu["status"] == "unavailable" and "RUN_DIR" in torch_cpu["reason"]
 
+    code, text = bench("--model", str(onnx_path), "--bits", "12", "--no-retrieval")
+    assert code != 0 and "--bits picks the sub-run of a RUN_DIR" in text
+
 
 def test_isolated_backend_reports_its_own_peak_memory(model, tmp_path):
     run, _ = model

@@ -22,7 +22,8 @@ def _save(run_dir: Path, bits: int = 12, method: str = "dsah", seed: int = 0) ->
     model = build_model(method, "small", bits, weights="none")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     config = R.resolved_config(model, 32, {"epochs": 1}, weights_source="none (random init)")
-    R.save_checkpoint(run_dir, model, {"sgd": opt.state_dict()}, 1, config, R.capture_rng_states(), [{"epoch": 1, "map": 0.5}])
+    metrics = [{"epoch": 1, "map": 0.5}]
+    R.save_checkpoint(run_dir, model, {"sgd": opt.state_dict()}, 1, config, R.capture_rng_states(), metrics)
     return model
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY = ["--data", "synthetic-fg", "--data-option", "num_classes=3", "--data-option", "image_size=32",
         "--data-option", "train_per_class=4", "--data-option", "query_per_class=2",
-        "--input-size", "32", "--batch-size", "6", "--epochs", "1", "--device", "cpu"]  # fmt: skip
+        "--input-size", "32", "--batch-size", "6", "--device", "cpu"]  # fmt: skip
 
 
 def _invoke(*args: str):
@@ -35,7 +35,7 @@ def _one_line_error(result, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def dsah_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "multi"
-    result = _invoke("train", *TINY, "--bits", "8", "--bits", "16", "--out", str(out))
+    result = _invoke("train", *TINY, "--epochs", "1", "--bits", "8", "--bits", "16", "--out", str(out))
     assert result.exit_code == 0, result.output
     return out
 
@@ -55,8 +55,8 @@ def test_train_writes_sub_runs(dsah_run: Path) -> None:
 
 def test_train_resume_continues(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert _invoke("train", *TINY, "--method", "dpsh", "--out", str(out)).exit_code == 0
-    result = _invoke("train", *TINY[:-4], "--epochs", "2", "--device", "cpu", "--method", "dpsh", "--out", str(out), "--resume")
+    assert _invoke("train", *TINY, "--epochs", "1", "--method", "dpsh", "--out", str(out)).exit_code == 0
+    result = _invoke("train", *TINY, "--epochs", "2", "--method", "dpsh", "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
     assert "resuming after epoch 1 of 2" in result.output
     assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2]
@@ -85,7 +85,8 @@ def _images(folder: Path, corrupt: bool) -> Path:
 def test_saliency_writes_one_png_per_image(dsah_run: Path, tmp_path: Path) -> None:
     images = _images(tmp_path / "images", corrupt=True)
     out = tmp_path / "out"
-    result = _invoke("saliency", str(images), "--run", str(dsah_run), "--bits", "8", "--out", str(out), "--device", "cpu")
+    result = _invoke("saliency", str(images), "--run", str(dsah_run), "--bits", "8", "--out", str(out),
+                     "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "broken.png" in result.output and "2 saliency images" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
@@ -102,5 +103,5 @@ def test_saliency_errors(dsah_run: Path, tmp_path: Path) -> None:
     _one_line_error(_invoke("saliency", str(images), "--run", str(dsah_run), "--out", out), "8, 16 bits")
     _one_line_error(_invoke("saliency", str(images), "--run", str(tmp_path), "--out", out), "not a dsah-rt run")
     dpsh = tmp_path / "dpsh"
-    assert _invoke("train", *TINY, "--method", "dpsh", "--out", str(dpsh)).exit_code == 0
+    assert _invoke("train", *TINY, "--epochs", "1", "--method", "dpsh", "--out", str(dpsh)).exit_code == 0
     _one_line_error(_invoke("saliency", str(images), "--run", str(dpsh), "--out", out), "DSaH run")

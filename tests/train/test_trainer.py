@@ -64,7 +64,8 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, mode: str) -> None:
             assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     for name in ("query_codes.npy", "db_codes.npy"):
-        assert np.array_equal(read_codes(tmp_path / "whole" / name).packed, read_codes(tmp_path / "split" / name).packed)
+        whole, split = (read_codes(tmp_path / run / name).packed for run in ("whole", "split"))
+        assert np.array_equal(whole, split)
 
 
 def test_resume_rules(data, tmp_path: Path) -> None:
