@@ -147,12 +147,9 @@ def bench(model: str | None, run: str | None, bits: int | None, backends: list[s
     """Benchmark encoding on every backend and precision, and retrieval against NumPy and faiss-cpu."""
     from dsah_rt.atomic import atomic_write, check_parent, write_json
     from dsah_rt.bench import engine, report as rep
-    from dsah_rt.bench.timing import load, machine
+    from dsah_rt.bench.timing import load, machine, passive_openmp
 
-    # PyTorch's OpenMP threads otherwise spin between calls, as ONNX Runtime's would without
-    # allow_spinning=0: on the shared 2-core machine that took torch's batch-1 median from 3.3 ms
-    # to 38 ms (p99 4 ms to 220 ms). Set before torch starts; the spawned backends inherit it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    omp_policy = passive_openmp()
     for out in (json_out, md_out):
         check_parent(out)
     check_parent(plots)
@@ -164,7 +161,7 @@ def bench(model: str | None, run: str | None, bits: int | None, backends: list[s
                               "conventions": TIMING_CONVENTIONS}  # fmt: skip
     report["settings"] = {"batch_sizes": batch_sizes, "warmup_ms": warmup_ms, "duration_s": duration_s,
                           "min_iters": min_iters, "threads": threads, "isolated": isolate,
-                          "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}  # fmt: skip
+                          "omp_wait_policy": omp_policy}  # fmt: skip
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="dsah-bench-") as tmp:
         work = Path(tmp)

@@ -32,7 +32,7 @@ import click
 import numpy as np
 
 from dsah_rt.atomic import atomic_write, write_json
-from dsah_rt.bench.timing import load, seconds
+from dsah_rt.bench.timing import load, passive_openmp, seconds
 from dsah_rt.codes import unpack
 from dsah_rt.encode import decoded_chunks, encode_folder
 from dsah_rt.images import scan
@@ -266,10 +266,12 @@ def _markdown(r: dict[str, Any]) -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--md", "md_out", type=click.Path(dir_okay=False), help="Write the tables as markdown.")
 def main(quick: bool, threads: int, json_out: str | None, md_out: str | None) -> None:
+    omp_policy = passive_openmp()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dsah-encode-bench-") as tmp:
         report = run_benchmark(quick, threads, Path(tmp))
     report["seconds"] = time.perf_counter() - start
+    report["omp_wait_policy"] = omp_policy
     text = _markdown(report)
     click.echo(text + f"\n({report['seconds']:.0f} s)")
     if json_out:

@@ -1,6 +1,10 @@
 """Measured evidence for the training stage: DSaH vs DPSH, Table 3, Table 4, margin units, digits.
 
     python -m dsah_rt.bench.train_evidence --out bench/results
+    python -m dsah_rt.bench.train_evidence --out bench/results --only semantic-norm
+
+`--only semantic-norm` runs just the J_sem norm comparison (abs vs square, about 14 minutes) and
+writes it as one section into the existing files, before the hand-written notes.
 
 Everything runs on one CPU thread (torch and numba) so that a shared 2-core machine keeps a core
 free; the budget (dataset size, input size, epochs) is sized for about 25 minutes there.
@@ -36,6 +40,7 @@ from dsah_rt.codes import binarize, pack
 from dsah_rt.hamming import set_threads
 from dsah_rt.train.data import RetrievalData, Split, load_dataset
 from dsah_rt.train.data.torch_dataset import TorchSplit
+from dsah_rt.train.losses import NORMS
 from dsah_rt.train.run import load_run
 from dsah_rt.train.trainer import TrainOptions, evaluate_keeping_threads, train
 
@@ -46,6 +51,9 @@ ABLATION_BITS = 12
 LRS = (3e-4, 1e-3)
 OPTIMIZER = "adam"
 MARGIN_SEEDS = (0, 1)
+NORM_SEEDS = (0, 1)
+NORM_HEADING = "## Semantic norm: |error| (Eq. 6 as written) vs error^2"
+NOTES_HEADING = "## Reading the numbers"
 PRETRAINED = {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 5}
 ABLATION_ROWS = {  # Table 4: (hashing network, attention network) -> our switches
     ("J_sem + J_sal", "J_sem + J_sal"): ("hash-sal",),
@@ -107,23 +115,32 @@ class Runner:
         return record
 
 
-def run_all(scratch: Path, epochs: int, quick: bool) -> dict[str, Any]:
-    fg = load_dataset("synthetic-fg", seed=0, **FG_OPTIONS)
-    digits = load_dataset("digits", seed=0)
+def _fg(quick: bool) -> tuple[RetrievalData, RetrievalData, dict[str, Any]]:
+    """synthetic-fg, its validation split, and the training options every synthetic-fg run shares."""
+    options = FG_OPTIONS
     if quick:  # a smoke test of the script, not evidence
-        small = {"num_classes": 3, "image_size": 32, "train_per_class": 8, "query_per_class": 2}
-        fg = load_dataset("synthetic-fg", seed=0, **small)
+        options = {"num_classes": 3, "image_size": 32, "train_per_class": 8, "query_per_class": 2}
+    fg = load_dataset("synthetic-fg", seed=0, **options)
+    val = validation_split(fg, 2 if quick else VAL_PER_CLASS)
+    return fg, val, {"backbone": "small", "input_size": 32 if quick else 64, "batch_size": 8 if quick else 32}
+
+
+def _best_lr(records: dict[tuple[str, float], dict[str, Any]], key: str) -> float:
+    return max(LRS, key=lambda lr: records[(key, lr)]["map"])
+
+
+def run_all(scratch: Path, epochs: int, quick: bool) -> dict[str, Any]:
+    fg, val, common = _fg(quick)
+    digits = load_dataset("digits", seed=0)
+    if quick:
         digits = RetrievalData("digits", digits.train.subset(np.arange(40)), digits.query.subset(np.arange(10)),
                                digits.database.subset(np.arange(40)), 10, False)  # fmt: skip
-    val = validation_split(fg, 2 if quick else VAL_PER_CLASS)
-    fg_size = 32 if quick else 64
     run = Runner(scratch, epochs, sys.stderr)
-    common = {"backbone": "small", "input_size": fg_size, "batch_size": 8 if quick else 32}
 
     # 1. learning rate per method, on the validation split
     lr_records = {(m, lr): run(f"val {m} lr={lr}", val, method=m, lr=lr, bits=BITS[0], **common)
                   for m in ("dsah", "dpsh") for lr in LRS}  # fmt: skip
-    lr = {m: max(LRS, key=lambda x: lr_records[(m, x)]["map"]) for m in ("dsah", "dpsh")}
+    lr = {m: _best_lr(lr_records, m) for m in ("dsah", "dpsh")}
 
     # 2. saliency-margin units, on the validation split (seed 0 of "bits" is step 1's run)
     margin = {(units, seed): (lr_records[("dsah", lr["dsah"])] if (units, seed) == ("bits", 0) else
@@ -150,6 +167,25 @@ def run_all(scratch: Path, epochs: int, quick: bool) -> dict[str, Any]:
         "lr": lr, "lr_records": lr_records, "margin": margin, "main": main, "simultaneous": simultaneous,
         "ablation": ablation, "digits": digit_runs, "pretrained": pretrained, "records": run.records,
     }
+
+
+def run_semantic_norm(scratch: Path, epochs: int, quick: bool) -> dict[str, Any]:
+    """J_sem's norm, abs vs square: each picks its DSaH learning rate on the validation split
+    (seed 0), the two are compared there over NORM_SEEDS, and then DSaH with each norm and DPSH
+    train on the full synthetic-fg at every code length, as in run_all's main table."""
+    fg, val, common = _fg(quick)
+    run = Runner(scratch, epochs, sys.stderr)
+    methods = {norm: {"method": "dsah", "semantic_norm": norm} for norm in NORMS} | {"dpsh": {"method": "dpsh"}}
+    lr_records = {(key, lr): run(f"val {key} lr={lr}", val, lr=lr, bits=BITS[0], **opts, **common)
+                  for key, opts in methods.items() for lr in LRS}  # fmt: skip
+    lr = {key: _best_lr(lr_records, key) for key in methods}
+    seeds = {(norm, seed): (lr_records[(norm, lr[norm])] if seed == 0 else
+                            run(f"val {norm} lr={lr[norm]} seed={seed}", val, lr=lr[norm], bits=BITS[0], seed=seed,
+                                **methods[norm], **common))
+             for norm in NORMS for seed in NORM_SEEDS}  # fmt: skip
+    main = {(key, k): run(f"fg {key} {k} bits", fg, lr=lr[key], bits=k, **opts, **common)
+            for key, opts in methods.items() for k in BITS}  # fmt: skip
+    return {"lr": lr, "lr_records": lr_records, "seeds": seeds, "main": main, "records": run.records}
 
 
 def _f(x: float | None) -> str:
@@ -238,16 +274,88 @@ def report(results: dict[str, Any], command: str, epochs: int, seconds: float) -
     return "\n".join(lines)
 
 
+def report_semantic_norm(results: dict[str, Any], command: str, epochs: int, seconds: float) -> str:
+    """One section (its own `##` heading, `###` inside) for the existing train-evidence.md."""
+    main, seeds, lr = results["main"], results["seeds"], results["lr"]
+    mean = {norm: float(np.mean([seeds[(norm, s)]["map"] for s in NORM_SEEDS])) for norm in NORMS}
+    label = {"abs": "DSaH, abs", "square": "DSaH, square", "dpsh": "DPSH"}
+    bits_header = ["| method | " + " | ".join(f"{k} bits" for k in BITS) + " |", "|---|" + "---|" * len(BITS)]
+
+    def row(name: str, key: str, field: str) -> str:
+        return f"| {name} | " + " | ".join(_f(main[(key, k)][field]) for k in BITS) + " |"
+
+    lines = [
+        NORM_HEADING,
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='minutes')}; wall time {seconds / 60:.1f} min",
+        f"- Settings as above ({epochs} epochs, synthetic-fg, `small`, Adam, batch 32, margin units `bits`). "
+        "J_sem (Eq. 6-7) sums |S - (u.u+k)/2k| (`--semantic-norm abs`) or its square (`square`); "
+        "Eq. 9's d_ij stays the absolute error in both. Every run below is fresh, none is copied from the tables "
+        "above.",
+        f"- Learning rate per variant chosen on the validation split (seed 0) from {list(LRS)}: "
+        + ", ".join(f"{label[key]} {value}" for key, value in lr.items()) + ".",
+        "",
+        "### Validation: learning rate (12 bits)",
+        "",
+        "| variant | lr | val MAP | localisation |",
+        "|---|---|---|---|",
+        *[f"| {label[key]} | {x} | {_f(r['map'])} | {_f(r['localisation'])} |"
+          for (key, x), r in results["lr_records"].items()],
+        "",
+        "### Validation: norm (DSaH, 12 bits, each at its learning rate)",
+        "",
+        "| norm | " + " | ".join(f"seed {s}" for s in NORM_SEEDS) + " | mean |",
+        "|---|" + "---|" * (len(NORM_SEEDS) + 1),
+        *[f"| {norm} | " + " | ".join(_f(seeds[(norm, s)]["map"]) for s in NORM_SEEDS) + f" | {_f(mean[norm])} |"
+          for norm in NORMS],
+        "",
+        "### synthetic-fg (MAP, query vs database)",
+        "",
+        *bits_header,
+        *[row(label[key], key, "map") for key in (*NORMS, "dpsh")],
+        *[row(f"{label[norm]}: hashing network on the original images (Hash(x))", norm, "map_hash_only")
+          for norm in NORMS],
+        "",
+        "### synthetic-fg: saliency localisation after the last epoch (1.0 = none)",
+        "",
+        *bits_header,
+        *[row(label[norm], norm, "localisation") for norm in NORMS],
+        "",
+        "### Runs",
+        "",
+        "| run | MAP | seconds |",
+        "|---|---|---|",
+        *[f"| {r['tag']} | {_f(r['map'])} | {r['seconds']:.0f} |" for r in results["records"]],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def with_section(text: str, heading: str, section: str, before: str) -> str:
+    """`text` with the `## heading` section (up to the next `## `) replaced by `section`, or, where
+    there is none, `section` inserted before the `before` heading (or appended)."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == heading]
+    if starts:
+        end = next((i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "".join(lines[: starts[0]]) + section + "".join(lines[end:])
+    at = next((i for i, line in enumerate(lines) if line.rstrip("\n") == before), len(lines))
+    return "".join(lines[:at]) + section + "".join(lines[at:])
+
+
+def _key(k: Any) -> str:
+    return " / ".join(map(str, k)) if isinstance(k, tuple) else str(k)
+
+
+def _tags(d: dict) -> dict[str, Any]:
+    return {_key(k): v["tag"] for k, v in d.items()}
+
+
 def _jsonable(results: dict[str, Any]) -> dict[str, Any]:
-    def key(k: Any) -> str:
-        return " / ".join(map(str, k)) if isinstance(k, tuple) else str(k)
-
-    def tags(d: dict) -> dict[str, Any]:
-        return {key(k): v["tag"] for k, v in d.items()}
-
     return {
         "lr": results["lr"],
-        "tables": {name: tags(results[name])
+        "tables": {name: _tags(results[name])
                    for name in ("lr_records", "margin", "main", "simultaneous", "ablation", "digits", "pretrained")},
         "runs": results["records"],
     }
@@ -261,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Tiny data and 2 epochs: checks the script, proves nothing.")
     parser.add_argument("--runs", type=Path, default=None,
                         help="Keep the run folders here (default: a deleted temp folder).")
+    parser.add_argument("--only", choices=["semantic-norm"], default=None,
+                        help="Run one added experiment and write it as a section into the existing results.")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     set_threads(1)
@@ -268,15 +378,26 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m dsah_rt.bench.train_evidence " + shlex.join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dsah-train-evidence-") as tmp:
-        results = run_all(args.runs or Path(tmp), epochs, args.quick)
+        results = (run_semantic_norm if args.only else run_all)(args.runs or Path(tmp), epochs, args.quick)
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    text = report(results, command, epochs, seconds)
-    atomic_write(args.out / f"train-evidence{suffix}.md", lambda fh: fh.write(text.encode()))
-    write_json(args.out / f"train-evidence{suffix}.json",
-               {"command": command, "seconds": seconds, **_jsonable(results)})
-    print(text)
+    md, js = args.out / f"train-evidence{suffix}.md", args.out / f"train-evidence{suffix}.json"
+    if args.only:
+        section = report_semantic_norm(results, command, epochs, seconds)
+        text = with_section(md.read_text() if md.exists() else "", NORM_HEADING, section + "\n", NOTES_HEADING)
+        record = json.loads(js.read_text()) if js.exists() else {}
+        record["semantic_norm"] = {
+            "command": command, "seconds": seconds, "lr": results["lr"],
+            "tables": {name: _tags(results[name]) for name in ("lr_records", "seeds", "main")},
+            "runs": results["records"],
+        }  # fmt: skip
+    else:
+        text = report(results, command, epochs, seconds)
+        record = {"command": command, "seconds": seconds, **_jsonable(results)}
+    atomic_write(md, lambda fh: fh.write(text.encode()))
+    write_json(js, record)
+    print(section if args.only else text)
 
 
 if __name__ == "__main__":

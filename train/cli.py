@@ -52,6 +52,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--margin", type=float, default=None, help="Saliency margin m [default: bits/4].")
 @click.option("--margin-units", type=click.Choice(["bits", "unit"]), default="bits", show_default=True,
               help="Distances of Eq. 9 in bits (k|...|) or as written, in [0, 1].")
+@click.option("--semantic-norm", type=click.Choice(["abs", "square"]), default="abs", show_default=True,
+              help="J_sem's pair error |S - (u.u+k)/2k| as Eq. 6 writes it, or its square (the squared l2 loss).")
 @click.option("--ablation", "ablations", multiple=True,
               type=click.Choice(["hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization"]),
               help="Table 4 switches (repeatable).")

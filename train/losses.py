@@ -4,7 +4,12 @@ Pairs: "every two images in the same batch construct an image pair" (sec. 4.3). 
 sum here runs over the N(N-1)/2 unordered pairs i < j of a batch: a pair is counted once, and
 an image is never paired with itself (that would be a norm penalty, not a pair term).
 
-The paper writes ||.||_2 of a scalar in Eq. 6, 7 and 9; that is its absolute value.
+The paper writes ||.||_2 of a scalar in Eq. 6, 7 and 9; taken literally that is its absolute value
+(`norm="abs"`), but many hashing papers write ||.||_2 for the squared l2 loss (`norm="square"`),
+whose gradient shrinks as a pair nears its target instead of pushing every pair with the same
+force. The norm applies to the semantic terms J_sem only: Eq. 9's d_ij stays the absolute error,
+because `saliency_loss` compares it with a margin in bits (d = k |...|), which a squared error
+would no longer be.
 All sums are sums, not means, as the paper writes them; the weights lambda = 30, alpha = 40
 (sec. 4.3) and lambda = 60, alpha = 0.01 (Eq. 18) are calibrated against sums.
 """
@@ -19,6 +24,8 @@ import torch.nn.functional as F
 from dsah_rt.train.models import pm1_from_u
 
 Units = Literal["bits", "unit"]
+Norm = Literal["abs", "square"]
+NORMS: tuple[Norm, ...] = ("abs", "square")
 
 LAMBDA = 30.0
 ALPHA = 40.0
@@ -50,14 +57,18 @@ def _pair_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
-def _pair_distance(u: torch.Tensor, S: torch.Tensor, bits: int) -> torch.Tensor:
-    """|S_ij - (u_i.u_j + k) / 2k| for all i, j: Eq. 6's summand, d_ij of Eq. 9; in [0, 1] for binary codes."""
-    return (S - (u @ u.T + bits) / (2 * bits)).abs()
+def _pair_distance(u: torch.Tensor, S: torch.Tensor, bits: int, norm: Norm = "abs") -> torch.Tensor:
+    """|S_ij - (u_i.u_j + k) / 2k| (or its square) for all i, j: Eq. 6's summand, d_ij of Eq. 9 (abs);
+    in [0, 1] for binary codes."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    error = S - (u @ u.T + bits) / (2 * bits)
+    return error.abs() if norm == "abs" else error.square()
 
 
-def semantic_loss(u: torch.Tensor, S: torch.Tensor, bits: int) -> torch.Tensor:
-    """Eq. 6 (or Eq. 7 with u'): sum over pairs i < j of |S_ij - (u_i.u_j + k) / 2k|."""
-    return _pair_distance(u, S, bits)[_pair_mask(len(u), u.device)].sum()
+def semantic_loss(u: torch.Tensor, S: torch.Tensor, bits: int, norm: Norm = "abs") -> torch.Tensor:
+    """Eq. 6 (or Eq. 7 with u'): sum over pairs i < j of |S_ij - (u_i.u_j + k) / 2k| (or its square)."""
+    return _pair_distance(u, S, bits, norm)[_pair_mask(len(u), u.device)].sum()
 
 
 def saliency_loss(
@@ -114,6 +125,7 @@ def hashing_objective(
     alpha: float = ALPHA,
     margin: float | None = None,
     units: Units = "bits",
+    norm: Norm = "abs",
     semantic_sal: bool = True,
     saliency: bool = False,
     quantization: bool = True,
@@ -122,11 +134,12 @@ def hashing_objective(
 
     Switches for the ablations: `saliency=True` adds alpha * J_sal (Table 4's "J_sem + J_sal"
     rows for the hashing network), `semantic_sal=False` drops J_sem_sal, `quantization=False`
-    drops both J_reg terms. The returned dict holds the unweighted terms that entered the total.
+    drops both J_reg terms. `norm` is that of the J_sem terms (see the module docstring). The returned
+    dict holds the unweighted terms that entered the total.
     """
-    terms = {"sem_ori": (lam, semantic_loss(u, S, bits))}
+    terms = {"sem_ori": (lam, semantic_loss(u, S, bits, norm))}
     if semantic_sal:
-        terms["sem_sal"] = (lam, semantic_loss(u_sal, S, bits))
+        terms["sem_sal"] = (lam, semantic_loss(u_sal, S, bits, norm))
     if saliency:
         terms["sal"] = (alpha, saliency_loss(u, u_sal, S, bits, margin, units))
     if quantization:
@@ -145,6 +158,7 @@ def attention_objective(
     lam: float = LAMBDA,
     margin: float | None = None,
     units: Units = "bits",
+    norm: Norm = "abs",
     semantic: bool = True,
     saliency: bool = True,
     quantization: bool = True,
@@ -160,7 +174,7 @@ def attention_objective(
     if saliency:
         terms["sal"] = (alpha, saliency_loss(u, u_sal, S, bits, margin, units))
     if semantic:
-        terms["sem_sal"] = (lam, semantic_loss(u_sal, S, bits))
+        terms["sem_sal"] = (lam, semantic_loss(u_sal, S, bits, norm))
     if quantization:
         terms["reg_sal"] = (1.0, quantization_loss(u_sal))
     if not terms:
@@ -178,6 +192,7 @@ def simultaneous_objective(
     alpha: float = SIMULTANEOUS_ALPHA,
     margin: float | None = None,
     units: Units = "bits",
+    norm: Norm = "abs",
     saliency: bool = True,
     quantization: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -186,7 +201,7 @@ def simultaneous_objective(
     J_sem = J_sem_ori + J_sem_sal (Eq. 8), J_reg = both Eq. 11 terms; lam = 60, alpha = 0.01
     as in sec. 4.6. `saliency=False` / `quantization=False` drop J_sal / J_reg.
     """
-    terms = {"sem_ori": (lam, semantic_loss(u, S, bits)), "sem_sal": (lam, semantic_loss(u_sal, S, bits))}
+    terms = {"sem_ori": (lam, semantic_loss(u, S, bits, norm)), "sem_sal": (lam, semantic_loss(u_sal, S, bits, norm))}
     if saliency:
         terms["sal"] = (alpha, saliency_loss(u, u_sal, S, bits, margin, units))
     if quantization:

@@ -96,6 +96,7 @@ class TrainOptions:
     alpha: float | None = None  # None: 40 (iterative) or 0.01 (simultaneous)
     margin: float | None = None  # None: k/4
     margin_units: L.Units = "bits"
+    semantic_norm: L.Norm = "abs"
     eta: float = L.DPSH_ETA
     ablations: tuple[str, ...] = ()
     augment: str = "none"
@@ -106,7 +107,7 @@ class TrainOptions:
     def resolved(self) -> TrainOptions:
         """A copy with every None default filled in, validated."""
         checks = (("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                  ("augment", AUGMENTS), ("margin_units", ("bits", "unit")))  # fmt: skip
+                  ("augment", AUGMENTS), ("margin_units", ("bits", "unit")), ("semantic_norm", L.NORMS))  # fmt: skip
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -187,7 +188,7 @@ def frozen(module: nn.Module | None) -> Iterator[None]:
 def _objectives(opts: TrainOptions, bits: int) -> dict[str, Objective]:
     """The loss of each phase, as a function of (model, images, S)."""
     ablations = set(opts.ablations)
-    common = {"margin": opts.margin, "units": opts.margin_units}
+    common = {"margin": opts.margin, "units": opts.margin_units, "norm": opts.semantic_norm}
     quantization = "no-quantization" not in ablations
 
     def attention(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -15,6 +15,8 @@ from dsah_rt.train import losses as L
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BITS = st.sampled_from([12, 24, 48])
+NORMS = st.sampled_from(L.NORMS)
+POWER = {"abs": 1, "square": 2}  # the exponent of |S_ij - estimate| in J_sem for each norm
 
 
 # ------------------------------------------------------------------ references (plain Python floats)
@@ -30,9 +32,9 @@ def ref_estimate(ui: list[float], uj: list[float], k: int) -> float:
     return (sum(x * y for x, y in zip(ui, uj)) + k) / (2 * k)
 
 
-def ref_semantic(u: list, S: list, k: int) -> float:
+def ref_semantic(u: list, S: list, k: int, norm: str = "abs") -> float:
     n = len(u)
-    return sum(abs(S[i][j] - ref_estimate(u[i], u[j], k)) for i in range(n) for j in range(i + 1, n))
+    return sum(abs(S[i][j] - ref_estimate(u[i], u[j], k)) ** POWER[norm] for i in range(n) for j in range(i + 1, n))
 
 
 def ref_saliency(u: list, us: list, S: list, k: int, m: float, units: str) -> float:
@@ -111,11 +113,17 @@ def test_similarity_rectangular_and_unlabelled() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches())
-def test_semantic_loss(batch) -> None:
+@given(batches(), NORMS)
+def test_semantic_loss(batch, norm) -> None:
     u, _, labels, k = batch
     S = _S(labels)
-    assert L.semantic_loss(u, S, k).item() == pytest.approx(ref_semantic(u.tolist(), S.tolist(), k), rel=1e-9, abs=1e-9)
+    got = L.semantic_loss(u, S, k, norm).item()
+    assert got == pytest.approx(ref_semantic(u.tolist(), S.tolist(), k, norm), rel=1e-9, abs=1e-9)
+
+
+def test_semantic_loss_rejects_unknown_norm() -> None:
+    with pytest.raises(ValueError, match="norm"):
+        L.semantic_loss(torch.zeros(2, 12), torch.eye(2), 12, "l1")
 
 
 @settings(max_examples=60, deadline=None)
@@ -172,24 +180,25 @@ def test_saliency_hinge_switches_off_in_bit_units_only() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(batches(), st.sampled_from(["bits", "unit"]))
-def test_objectives_combine_the_paper_terms(batch, units) -> None:
+@given(batches(), st.sampled_from(["bits", "unit"]), NORMS)
+def test_objectives_combine_the_paper_terms(batch, units, norm) -> None:
     u, u_sal, labels, k = batch
     S = _S(labels)
     ul, usl, Sl = u.tolist(), u_sal.tolist(), S.tolist()
-    sem_ori, sem_sal = ref_semantic(ul, Sl, k), ref_semantic(usl, Sl, k)
-    sal = ref_saliency(ul, usl, Sl, k, k / 4, units)
+    sem_ori, sem_sal = ref_semantic(ul, Sl, k, norm), ref_semantic(usl, Sl, k, norm)
+    sal = ref_saliency(ul, usl, Sl, k, k / 4, units)  # the norm is J_sem's only: d_ij stays |...|
     reg_ori, reg_sal = ref_quantization(ul), ref_quantization(usl)
     approx = lambda x: pytest.approx(x, rel=1e-9, abs=1e-9)  # noqa: E731
 
-    total, terms = L.hashing_objective(u, u_sal, S, k, units=units)  # Eq. 13
+    total, terms = L.hashing_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 13
     assert total.item() == approx(30 * (sem_ori + sem_sal) + reg_ori + reg_sal)
     expected = {"sem_ori": sem_ori, "sem_sal": sem_sal, "reg_ori": reg_ori, "reg_sal": reg_sal, "total": total.item()}
     assert terms == approx(expected)
-    total, _ = L.hashing_objective(u, u_sal, S, k, units=units, saliency=True, semantic_sal=False, quantization=False)
+    total, _ = L.hashing_objective(u, u_sal, S, k, units=units, norm=norm, saliency=True, semantic_sal=False,
+                                   quantization=False)  # fmt: skip
     assert total.item() == approx(30 * sem_ori + 40 * sal)
 
-    total, terms = L.attention_objective(u, u_sal, S, k, units=units)  # Eq. 14
+    total, terms = L.attention_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 14
     assert total.item() == approx(40 * sal + 30 * sem_sal + reg_sal)
     assert set(terms) == {"sal", "sem_sal", "reg_sal", "total"}
     for switch, expected_total in [
@@ -197,11 +206,13 @@ def test_objectives_combine_the_paper_terms(batch, units) -> None:
         ({"saliency": False}, 30 * sem_sal + reg_sal),  # Table 4: attention trained with J_sem only
         ({"quantization": False}, 40 * sal + 30 * sem_sal),
     ]:
-        assert L.attention_objective(u, u_sal, S, k, units=units, **switch)[0].item() == approx(expected_total)
+        got = L.attention_objective(u, u_sal, S, k, units=units, norm=norm, **switch)[0].item()
+        assert got == approx(expected_total)
 
-    total, _ = L.simultaneous_objective(u, u_sal, S, k, units=units)  # Eq. 18
+    total, _ = L.simultaneous_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 18
     assert total.item() == approx(60 * (sem_ori + sem_sal) + 0.01 * sal + reg_ori + reg_sal)
-    total, _ = L.simultaneous_objective(u, u_sal, S, k, units=units, saliency=False, quantization=False)
+    total, _ = L.simultaneous_objective(u, u_sal, S, k, units=units, norm=norm, saliency=False,
+                                        quantization=False)  # fmt: skip
     assert total.item() == approx(60 * (sem_ori + sem_sal))
 
 
@@ -214,15 +225,18 @@ def test_attention_objective_needs_a_term() -> None:
 # ----------------------------------------------------------------------------------- gradients
 
 
-def _loop_objective(u: torch.Tensor, u_sal: torch.Tensor, S: torch.Tensor, k: int, eta: float) -> torch.Tensor:
-    """Attention objective (Eq. 14, bit units) plus the DPSH loss, one scalar tensor op per pair."""
+def _loop_objective(
+    u: torch.Tensor, u_sal: torch.Tensor, S: torch.Tensor, k: int, eta: float, norm: str
+) -> torch.Tensor:
+    """Attention objective (Eq. 14, bit units, J_sem with `norm`) plus the DPSH loss, one scalar
+    tensor op per pair."""
     total = torch.zeros((), dtype=u.dtype)
     m = k / 4
     for i in range(len(u)):
         for j in range(i + 1, len(u)):
             d = k * (S[i, j] - (torch.dot(u[i], u[j]) + k) / (2 * k)).abs()
             d_sal_unit = (S[i, j] - (torch.dot(u_sal[i], u_sal[j]) + k) / (2 * k)).abs()
-            total = total + 40 * torch.clamp(m - d + k * d_sal_unit, min=0) + 30 * d_sal_unit
+            total = total + 40 * torch.clamp(m - d + k * d_sal_unit, min=0) + 30 * d_sal_unit ** POWER[norm]
             theta = torch.dot(u[i], u[j]) / 2
             total = total + torch.log1p(torch.exp(theta)) - S[i, j] * theta
     for i in range(len(u)):
@@ -259,13 +273,14 @@ def test_gradient_cases_cover_both_sides_of_the_hinge() -> None:
     assert states == {True, False}
 
 
+@pytest.mark.parametrize("norm", L.NORMS)
 @pytest.mark.parametrize("seed", GRADIENT_SEEDS)
-def test_gradients_match_the_pair_loop(seed: int) -> None:
+def test_gradients_match_the_pair_loop(seed: int, norm: str) -> None:
     S, k, u0, us0 = _gradient_case(seed)
     grads = []
     for objective in (
-        lambda u, us: L.attention_objective(u, us, S, k)[0] + L.dpsh_loss(u, S, 0.5),
-        lambda u, us: _loop_objective(u, us, S, k, 0.5),
+        lambda u, us: L.attention_objective(u, us, S, k, norm=norm)[0] + L.dpsh_loss(u, S, 0.5),
+        lambda u, us: _loop_objective(u, us, S, k, 0.5, norm),
     ):
         u, us = u0.clone().requires_grad_(), us0.clone().requires_grad_()
         objective(u, us).backward()

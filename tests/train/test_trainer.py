@@ -76,6 +76,8 @@ def test_resume_rules(data, tmp_path: Path) -> None:
         _train(data, tmp_path, epochs=1)
     with pytest.raises(UserError, match="different lr"):
         _train(data, tmp_path, resume=True, lr=0.5)
+    with pytest.raises(UserError, match="different semantic_norm"):
+        _train(data, tmp_path, resume=True, semantic_norm="square")
     assert len(_train(data, tmp_path, resume=True, epochs=1)) == 1  # already done: nothing to train
 
 
