@@ -145,7 +145,7 @@ def bench(model: str | None, run: str | None, bits: int | None, backends: list[s
           retrieval_queries: int, retrieval_bits: int, retrieval: bool, isolate: bool, json_out: str | None,
           md_out: str | None, plots: str | None) -> None:  # fmt: skip
     """Benchmark encoding on every backend and precision, and retrieval against NumPy and faiss-cpu."""
-    from dsah_rt.atomic import atomic_write, check_parent, write_json
+    from dsah_rt.atomic import check_parent, write_report
     from dsah_rt.bench import engine, report as rep
     from dsah_rt.bench.timing import load, machine, passive_openmp
 
@@ -180,10 +180,7 @@ def bench(model: str | None, run: str | None, bits: int | None, backends: list[s
     report["load_end"] = load()
     report["seconds"] = time.perf_counter() - started
     click.echo(rep.text(report))
-    if json_out:
-        write_json(json_out, report)
-    if md_out:
-        atomic_write(md_out, lambda fh: fh.write(rep.markdown(report).encode()))
+    write_report(report, rep.markdown(report), json_out, md_out)
     if plots:
         Path(plots).mkdir(exist_ok=True)
         for path in rep.write_plots(report, plots):

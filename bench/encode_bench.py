@@ -31,7 +31,7 @@ from typing import Any
 import click
 import numpy as np
 
-from dsah_rt.atomic import atomic_write, write_json
+from dsah_rt.atomic import write_report
 from dsah_rt.bench.timing import load, passive_openmp, seconds
 from dsah_rt.codes import unpack
 from dsah_rt.encode import decoded_chunks, encode_folder
@@ -274,10 +274,7 @@ def main(quick: bool, threads: int, json_out: str | None, md_out: str | None) ->
     report["omp_wait_policy"] = omp_policy
     text = _markdown(report)
     click.echo(text + f"\n({report['seconds']:.0f} s)")
-    if json_out:
-        write_json(json_out, report)
-    if md_out:
-        atomic_write(Path(md_out), lambda fh: fh.write(text.encode()))
+    write_report(report, text, json_out, md_out)
 
 
 if __name__ == "__main__":

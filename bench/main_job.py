@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from dsah_rt.atomic import atomic_write, write_json
+from dsah_rt.atomic import write_json, write_text
 from dsah_rt.metrics import evaluate
 
 # Sized to finish in well under 10 minutes on 2 CPU cores; learning rates as chosen on a
@@ -126,7 +126,7 @@ def run_main_job(out: Path, epochs: int | None = None, bench: bool = True,
                    "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}})
     write_json(out / "report.json", report)
     text = _index(report)
-    atomic_write(out / "index.md", lambda fh: fh.write(text.encode()))
+    write_text(out / "index.md", text)
     echo(text)
     return report
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -21,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from dsah_rt import hamming
-from dsah_rt.atomic import atomic_write, write_json
+from dsah_rt.atomic import write_report
 from dsah_rt.bench.reference import numpy_map, numpy_tie_aware_map
 from dsah_rt.bench.timing import machine
 from dsah_rt.codes import pack
@@ -239,10 +238,7 @@ def main(quick: bool, threads: int, json_out: str | None, md_out: str | None) ->
     report = run_benchmark(quick, threads)
     text = _markdown(report)
     click.echo(text)
-    if json_out:
-        write_json(json_out, report)
-    if md_out:
-        atomic_write(Path(md_out), lambda fh: fh.write(text.encode()))
+    write_report(report, text, json_out, md_out)
 
 
 if __name__ == "__main__":

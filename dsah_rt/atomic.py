@@ -41,5 +41,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     return path
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+    return write_text(path, json.dumps(obj, indent=1))
+
+
+def write_report(report: Any, markdown: str, json_out: str | None, md_out: str | None) -> None:
+    """A benchmark's outputs: everything as JSON, the tables as markdown, each only if asked for."""
+    if json_out:
+        write_json(json_out, report)
+    if md_out:
+        write_text(md_out, markdown)
