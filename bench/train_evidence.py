@@ -3,7 +3,7 @@
     python -m dsah_rt.bench.train_evidence --out bench/results
     python -m dsah_rt.bench.train_evidence --out bench/results --only semantic-norm
 
-`--only semantic-norm` runs just the J_sem norm comparison (abs vs square, about 14 minutes) and
+`--only semantic-norm` runs just the J_sem norm comparison (abs vs square, about 16 minutes) and
 writes it as one section into the existing files, before the hand-written notes.
 
 Everything runs on one CPU thread (torch and numba) so that a shared 2-core machine keeps a core
@@ -51,7 +51,7 @@ ABLATION_BITS = 12
 LRS = (3e-4, 1e-3)
 OPTIMIZER = "adam"
 MARGIN_SEEDS = (0, 1)
-NORM_SEEDS = (0, 1)
+NORM_SEEDS = (0, 1, 2, 3)
 NORM_HEADING = "## Semantic norm: |error| (Eq. 6 as written) vs error^2"
 NOTES_HEADING = "## Reading the numbers"
 PRETRAINED = {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 5}
@@ -204,7 +204,8 @@ def report(results: dict[str, Any], command: str, epochs: int, seconds: float) -
         f"- Data: synthetic-fg {json.dumps(FG_OPTIONS)} (others default: 64x64, 100 train / 30 query per class, "
         f"2 decoys; database = train), seed 0. digits: scikit-learn's 8x8 digits at input 32.",
         f"- Model: backbone `small` (random init), batch 32, {epochs} epochs, optimiser {OPTIMIZER}, weight decay 5e-4, "
-        f"lambda 30 / alpha 40 / m = k/4 (simultaneous: lambda 60, alpha 0.01). MAP is after the last epoch, "
+        f"lambda 30 / alpha 40 / m = k/4 (simultaneous: lambda 60, alpha 0.01), J_sem norm "
+        f"`{TrainOptions.semantic_norm}`. MAP is after the last epoch, "
         "query vs database, via dsah_rt.metrics.evaluate (index-order ties).",
         f"- Learning rate per method chosen on a validation split of the training set (last {VAL_PER_CLASS} train "
         f"images per class as queries) from {list(LRS)}: DSaH {results['lr']['dsah']}, DPSH {results['lr']['dpsh']}.",

@@ -42,7 +42,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--mode", type=click.Choice(["iterative", "simultaneous"]), default="iterative", show_default=True,
               help="Algorithm 1, or both networks on Eq. 18 (Table 3).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate per image [default: sgd 0.01, adam 3e-4].")
+@click.option("--lr", type=float, default=None, help="Learning rate per image [default: sgd 0.01, adam 1e-3].")
 @click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -52,8 +52,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--margin", type=float, default=None, help="Saliency margin m [default: bits/4].")
 @click.option("--margin-units", type=click.Choice(["bits", "unit"]), default="bits", show_default=True,
               help="Distances of Eq. 9 in bits (k|...|) or as written, in [0, 1].")
-@click.option("--semantic-norm", type=click.Choice(["abs", "square"]), default="abs", show_default=True,
-              help="J_sem's pair error |S - (u.u+k)/2k| as Eq. 6 writes it, or its square (the squared l2 loss).")
+@click.option("--semantic-norm", type=click.Choice(["abs", "square"]), default="square", show_default=True,
+              help="J_sem's pair error squared (the squared l2 loss), or |S - (u.u+k)/2k| as Eq. 6 writes it.")
 @click.option("--ablation", "ablations", multiple=True,
               type=click.Choice(["hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization"]),
               help="Table 4 switches (repeatable).")

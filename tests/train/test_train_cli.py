@@ -62,6 +62,13 @@ def test_train_resume_continues(tmp_path: Path) -> None:
     assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2]
 
 
+def test_train_semantic_norm_reaches_the_config(tmp_path: Path) -> None:
+    out = tmp_path / "abs"
+    result = _invoke("train", *TINY, "--epochs", "1", "--semantic-norm", "abs", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["training"]["semantic_norm"] == "abs"
+
+
 def test_train_errors_are_one_line(tmp_path: Path) -> None:
     _one_line_error(_invoke("train", *TINY, "--out", str(tmp_path / "missing"), "--resume"), "nothing to resume")
     _one_line_error(_invoke("train", "--data", "no-such-data", "--out", str(tmp_path / "x")), "no-such-data")

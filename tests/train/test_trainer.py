@@ -52,9 +52,11 @@ def test_same_seed_same_run(data, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["iterative", "simultaneous"])
 def test_resume_equals_uninterrupted(data, tmp_path: Path, mode: str) -> None:
-    whole = _train(data, tmp_path / "whole", mode=mode)
-    _train(data, tmp_path / "split", epochs=1, mode=mode)
-    resumed = _train(data, tmp_path / "split", resume=True, mode=mode)
+    # SGD's default 0.01 sends the squared J_sem to NaN here, and NaN momentum never compares equal.
+    kw = {"mode": mode, "lr": 1e-3}
+    whole = _train(data, tmp_path / "whole", **kw)
+    _train(data, tmp_path / "split", epochs=1, **kw)
+    resumed = _train(data, tmp_path / "split", resume=True, **kw)
     assert R.run_fingerprint(tmp_path / "whole") == R.run_fingerprint(tmp_path / "split")
     assert _without_timing(resumed) == _without_timing(whole)
     a, b = R.load_checkpoint(tmp_path / "whole"), R.load_checkpoint(tmp_path / "split")
@@ -77,7 +79,7 @@ def test_resume_rules(data, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="different lr"):
         _train(data, tmp_path, resume=True, lr=0.5)
     with pytest.raises(UserError, match="different semantic_norm"):
-        _train(data, tmp_path, resume=True, semantic_norm="square")
+        _train(data, tmp_path, resume=True, semantic_norm="abs")
     assert len(_train(data, tmp_path, resume=True, epochs=1)) == 1  # already done: nothing to train
 
 
