@@ -116,13 +116,22 @@ def run_main_job(out: Path, epochs: int | None = None, bench: bool = True,
         (overlay_in / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
     render_saliency(overlay_in, out / "runs" / "dsah", out / "saliency", device="cpu", echo=echo)
 
-    echo("== 6/6 benchmark table")
+    echo("== 6/6 benchmark table: `dsah-rt bench` on the exported model, then the retrieval core")
+    from dsah_rt.bench.cli import bench as bench_command
     from dsah_rt.bench.retrieval import bench_map, bench_topk
+
+    quick = [] if bench else ["--backends", "ort-cpu", "--no-isolate", "--min-iters", "2"]
+    bench_command.main([
+        "--model", str(out / "model.onnx"), "--run", str(out / "runs" / "dsah"), "--no-retrieval",
+        "--batch-sizes", "1,32" if bench else "1", "--warmup-ms", "100", "--duration-s", "0.5" if bench else "0.05",
+        "--json", str(out / "bench.json"), "--md", str(out / "bench.md"), "--plots", str(out / "bench-plots"), *quick,
+    ], standalone_mode=False)  # fmt: skip
 
     sizes = (1000, 59_000, 200_000, 100) if bench else (50, 2_000, 2_000, 5)
     bench_results = {"map": bench_map(sizes[0], sizes[1], 48, 10, numpy_queries=sizes[3]),
                      "topk": bench_topk(sizes[0], sizes[2], 48, [10], threads=2)[0]}
     times["total"] = time.perf_counter() - t0
+    report["bench_md"] = (out / "bench.md").read_text()
     report.update({"onnx_encoded_eval": onnx_eval, "results": results, "bench": bench_results, "seconds": times,
                    "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}})
     write_json(out / "report.json", report)
@@ -179,6 +188,9 @@ def _index(r: dict[str, Any]) -> str:
         f"query folder {sec['encode_query']:.2f} s, database folder {sec['encode_database']:.2f} s "
         "(`query_codes.npy`, `database_codes.npy`, each with its `.json` manifest).",
         "",
+        "## Encoding benchmark (`dsah-rt bench` on model.onnx and the DSaH run; plots in bench-plots/)",
+        "",
+        r["bench_md"],
         "## Retrieval core benchmark (generated codes, 48 bits, 2 threads)",
         "",
         f"- MAP@all {b['map']['queries']:,} x {b['map']['database']:,}: ours {b['map']['ours_seconds']:.3f} s (tie-aware {b['map']['ours_tie_aware_seconds']:.3f} s) "

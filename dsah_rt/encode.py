@@ -9,8 +9,8 @@
   folder (what grows is under 1 KB per file: its path, code and state), and the main thread
   runs inference on one chunk while the workers decode the next ones. Threads are the default:
   Pillow releases the GIL while decoding and resizing, and on the 2-core machine threads
-  decoded 680-803 images/s against 585-599 for processes, which pay for start-up and for
-  pickling every batch (bench/encode_bench.py measures both; README, "Measured").
+  decoded 1,381 images/s against 1,006 for processes, which pay for start-up and for pickling
+  every batch (bench/encode_bench.py measures both; README, "Measured").
 * Progress is saved to the folder `codes.npy.partial` (each file in it atomically, every
   `checkpoint_seconds` and on any error or Ctrl-C). `resume=True` reuses every finished file
   whose size and mtime are unchanged and encodes the rest; the result equals an uninterrupted

@@ -13,7 +13,7 @@ from dsah_rt.codes import read_codes
 def test_main_job_runs_every_stage(tmp_path):
     report = run_main_job(tmp_path, epochs=1, bench=False, echo=lambda line: None)
     index = (tmp_path / "index.md").read_text()
-    for section in ("Retrieval quality", "Export", "Encode", "Retrieval core benchmark"):
+    for section in ("Retrieval quality", "Export", "Encode", "Encoding benchmark", "ort-cpu", "Retrieval core benchmark"):
         assert section in index
     # The exported graph run by ONNX Runtime on the PNG folder reproduces the trainer's codes.
     assert report["onnx_encoded_eval"]["bit_agreement_with_trainer_codes"] >= 0.999
