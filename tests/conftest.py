@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -39,3 +40,11 @@ def code_sets(draw, max_q: int = 6, max_db: int = 60, bits=None, max_classes: in
         qlab = rng.integers(0, classes + 1, nq)
         dblab = rng.integers(0, classes, ndb)
     return k, q01, db01, qlab, dblab
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+    """(run_dir, model.onnx): one tiny DSaH run, exported and verified once for the whole session."""
+    from dsah_fixtures import exported
+
+    return exported(tmp_path_factory.getbasetemp() / "models")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from dsah_fixtures import BITS, INPUT_SIZE, exported
+from dsah_fixtures import BITS, INPUT_SIZE
 from PIL import Image
 
 from dsah_rt.cli import main
@@ -22,11 +22,6 @@ from dsah_rt.images import decode_image
 from dsah_rt.runners import Runner, make_runner
 
 GOOD = 14
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return exported(tmp_path_factory.getbasetemp() / "models")
 
 
 @pytest.fixture(scope="module")

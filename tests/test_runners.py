@@ -9,18 +9,13 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from dsah_fixtures import BITS, INPUT_SIZE, exported
+from dsah_fixtures import BITS, INPUT_SIZE
 
 from dsah_rt.codes import binarize, nbytes_for, pack
 from dsah_rt.runners import ModelError, Runner, make_runner, model_kind
 from dsah_rt.runners.trt import tensorrt_unavailable_reason
 
 TRT_REASON = tensorrt_unavailable_reason()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return exported(tmp_path_factory.getbasetemp() / "models")
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:

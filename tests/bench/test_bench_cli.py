@@ -6,17 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from dsah_fixtures import BITS, exported
+from dsah_fixtures import BITS
 
 from dsah_rt.bench.engine import BACKENDS
 from dsah_rt.cli import main
 
 FAST = ["--batch-sizes", "1,2", "--warmup-ms", "5", "--duration-s", "0.02", "--min-iters", "3", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return exported(tmp_path_factory.getbasetemp() / "models")
 
 
 def bench(*args: str) -> tuple[int, str]:

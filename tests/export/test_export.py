@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from dsah_fixtures import BITS, INPUT_SIZE, exported, make_run
+from dsah_fixtures import BITS, INPUT_SIZE, make_run
 
 from dsah_rt import __version__
 from dsah_rt.cli import main
@@ -20,11 +20,6 @@ from dsah_rt.export.verify import TOLERANCES, VerifyError, check_onnx_graph, sce
 from dsah_rt.runners import make_runner
 from dsah_rt.runners.base import ModelInfo
 from dsah_rt.train.run import load_run, run_fingerprint
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return exported(tmp_path_factory.getbasetemp() / "models")
 
 
 @pytest.fixture(scope="module")

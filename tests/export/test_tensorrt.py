@@ -10,18 +10,13 @@ import json
 
 import numpy as np
 import pytest
-from dsah_fixtures import BITS, INPUT_SIZE, exported
+from dsah_fixtures import BITS, INPUT_SIZE
 
 from dsah_rt.runners import ModelError, make_runner, model_kind
 from dsah_rt.runners.trt import ENGINE_FORMAT, check_engine_compatible, read_sidecar, tensorrt_unavailable_reason
 
 TRT_REASON = tensorrt_unavailable_reason()
 needs_trt = pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT unavailable: {TRT_REASON}")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return exported(tmp_path_factory.getbasetemp() / "models")
 
 
 def _meta(**changes) -> dict:
