@@ -147,7 +147,8 @@ def bench(model: str | None, run: str | None, bits: int | None, backends: list[s
     """Benchmark encoding on every backend and precision, and retrieval against NumPy and faiss-cpu."""
     from dsah_rt.atomic import check_parent, write_report
     from dsah_rt.bench import engine, report as rep
-    from dsah_rt.bench.timing import load, machine, passive_openmp
+    from dsah_rt.bench.timing import load, machine
+    from dsah_rt.omp import passive_openmp
 
     omp_policy = passive_openmp()
     for out in (json_out, md_out):

@@ -32,7 +32,8 @@ import click
 import numpy as np
 
 from dsah_rt.atomic import write_report
-from dsah_rt.bench.timing import load, passive_openmp, seconds
+from dsah_rt.bench.timing import load, seconds
+from dsah_rt.omp import passive_openmp
 from dsah_rt.codes import unpack
 from dsah_rt.encode import decoded_chunks, encode_folder
 from dsah_rt.images import scan

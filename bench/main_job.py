@@ -217,7 +217,7 @@ def _short(export_report: dict[str, Any]) -> str:
 @click.option("--epochs", type=int, default=None, help=f"Training epochs per method (default {TRAINING['epochs']}).")
 def demo(out: str, epochs: int | None) -> None:
     """The main job on embedded defaults: train, export, verify, encode, evaluate, benchmark."""
-    from dsah_rt.bench.timing import passive_openmp
+    from dsah_rt.omp import passive_openmp
 
     passive_openmp()  # before torch starts: spinning OpenMP threads stall a shared 2-core machine
     run_main_job(Path(out), epochs=epochs)

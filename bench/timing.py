@@ -21,16 +21,6 @@ PERCENTILES = (90, 95, 99)
 Step = Callable[[], "dict[str, float] | None"]
 
 
-def passive_openmp() -> str:
-    """Make OpenMP threads sleep between calls instead of spinning; returns the policy in force.
-
-    PyTorch's OpenMP threads otherwise spin between calls, as ONNX Runtime's would without
-    allow_spinning=0: on the shared 2-core machine that took torch's batch-1 median from 3.3 ms
-    to 38 ms (p99 4 ms to 220 ms). Call before torch starts; spawned children inherit it.
-    """
-    return os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def load() -> list[float]:
     """The 1/5/15-minute load average: other processes share the cores, so every report says so."""
     return [round(x, 2) for x in os.getloadavg()]

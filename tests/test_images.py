@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from image_fixtures import write_png16
 from PIL import Image
 
-from dsah_rt.images import ImageSkip, decode_batch, decode_image, scan
+from dsah_rt.images import ImageSkip, decode, decode_batch, decode_image, find_images, resize, scan, skip_reason
 
 S = 16
 
@@ -119,6 +120,111 @@ def test_wrong_or_missing_extension_still_decodes(tmp_path, name, fmt):
     right = _save(tmp_path / f"right.{fmt.lower()}", img, format=fmt)
     wrong = _save(tmp_path / name, img, format=fmt)
     np.testing.assert_array_equal(decode_image(wrong, S), decode_image(right, S))
+
+
+# --------------------------------------- decode and resize: the pipeline training shares with encode
+
+
+def _grey(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[..., None], 3, axis=2).astype(np.uint8)
+
+
+def test_decode_gives_hwc_rgb_and_decode_image_is_its_resize(tmp_path):
+    img = Image.fromarray(_rgb())
+    path = _save(tmp_path / "a.png", img)
+    out = decode(path)
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3) and out.flags.writeable
+    np.testing.assert_array_equal(out, np.asarray(img))
+    np.testing.assert_array_equal(decode(path.read_bytes()), out)  # bytes decode like the file
+    np.testing.assert_array_equal(decode_image(path, S), resize(out, S).transpose(2, 0, 1))
+
+
+def test_resize_is_pillow_bilinear_on_uint8():
+    arr = _rgb(37, 53)
+    out = resize(arr, S)
+    assert out.dtype == np.uint8 and out.shape == (S, S, 3)
+    np.testing.assert_array_equal(out, np.asarray(Image.fromarray(arr).resize((S, S), Image.Resampling.BILINEAR)))
+    np.testing.assert_array_equal(resize(arr[::2, ::3], S), resize(np.ascontiguousarray(arr[::2, ::3]), S))
+    np.testing.assert_array_equal(resize(_rgb(S, S), S), _rgb(S, S))
+    with pytest.raises(ValueError, match="uint8"):
+        resize(arr.astype(np.float32), S)
+
+
+def test_16_bit_grey_png_keeps_the_high_byte(tmp_path):
+    grey16 = np.array([[0, 255, 256, 32768], [40000, 65279, 65280, 65535]], np.uint16)
+    path = _save(tmp_path / "g16.png", Image.fromarray(grey16))
+    assert Image.open(path).mode == "I;16"
+    np.testing.assert_array_equal(decode(path), _grey(grey16 >> 8))  # convert("RGB") would give 0 or 255
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_16_bit_colour_and_alpha_pngs_keep_the_high_byte(tmp_path, channels):
+    samples = np.random.default_rng(channels).integers(0, 65536, (5, 7, channels)).astype(np.uint16)
+    out = decode(write_png16(tmp_path / "c16.png", samples))
+    expected = _grey(samples[..., 0] >> 8) if channels == 2 else (samples[..., :3] >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)  # alpha dropped; same rule as 16-bit grey
+
+
+def test_16_bit_grey_and_colour_files_of_one_picture_decode_alike(tmp_path):
+    grey16 = np.random.default_rng(3).integers(0, 65536, (6, 6)).astype(np.uint16)
+    grey = decode(_save(tmp_path / "g.png", Image.fromarray(grey16)))
+    colour = decode(write_png16(tmp_path / "c.png", np.repeat(grey16[..., None], 3, axis=2)))
+    np.testing.assert_array_equal(grey, colour)
+
+
+def test_float_tiff_is_clipped_to_unit_range_then_scaled(tmp_path):
+    values = np.array([[-0.5, 0.0, 0.2, 0.5], [1 / 255, 0.999, 1.0, 7.0], [np.nan, 0.25, 0.75, 1e-9]], np.float32)
+    path = _save(tmp_path / "f.tif", Image.fromarray(values))
+    assert Image.open(path).mode == "F"
+    expected = np.round(np.clip(np.nan_to_num(values.astype(np.float64), nan=0), 0, 1) * 255)
+    np.testing.assert_array_equal(decode(path), _grey(expected))
+    assert decode(path)[0, 2, 0] == 51  # 0.2 * 255: not black, as Pillow's convert makes it
+
+
+def test_int32_tiff_scales_by_the_range_its_values_use(tmp_path):
+    wide = np.array([[-5, 0, 65536, 2**30], [2**31 - 1, 2**23, 2**24, 123456789]], np.int32)
+    path = _save(tmp_path / "i32.tif", Image.fromarray(wide))
+    assert Image.open(path).mode == "I"
+    np.testing.assert_array_equal(decode(path), _grey(np.maximum(wide.astype(np.int64), 0) >> 23))
+    narrow = np.array([[0, 255, 256, 65535]], np.int32)  # 16-bit data held in 'I' (older Pillow's 16-bit PNG)
+    np.testing.assert_array_equal(decode(_save(tmp_path / "i16.tif", Image.fromarray(narrow))), _grey(narrow >> 8))
+
+
+@pytest.mark.parametrize("mode", ["P", "L", "LA", "1", "RGBA"])
+def test_8_bit_modes_decode_as_pillows_rgb(tmp_path, mode):
+    img = Image.fromarray(_rgb()).convert(mode)
+    path = _save(tmp_path / "m.png", img)
+    np.testing.assert_array_equal(decode(path), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_cmyk_decodes_as_pillows_rgb(tmp_path):
+    path = _save(tmp_path / "cmyk.tif", Image.fromarray(_rgb()).convert("CMYK"))
+    assert Image.open(path).mode == "CMYK"
+    np.testing.assert_array_equal(decode(path), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_exif_rotated_jpeg_is_decoded_upright(tmp_path):
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :8] = 255  # the left quarter white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    path = _save(tmp_path / "r.jpg", Image.fromarray(stored), exif=exif, quality=95)
+    out = decode(path)
+    assert out.shape == (32, 16, 3)  # portrait, as displayed
+    assert out[:8].mean() > 240 and out[12:].mean() < 15  # the stored left side is now on top
+
+
+def test_skip_reason_is_decodes_rule_without_decoding(tmp_path):
+    good = _save(tmp_path / "ok.jpg", Image.fromarray(_rgb()))
+    (tmp_path / "notes.jpg").write_text("this is not a JPEG\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(30000, 30000))
+    assert skip_reason(good) is None
+    for name in ("notes.jpg", "empty.png", "bomb.png"):
+        assert skip_reason(tmp_path / name) == _reason(tmp_path / name)
+    found = find_images(tmp_path)
+    assert found.files == ["ok.jpg"]
+    assert [s.path for s in found.skipped] == ["bomb.png", "empty.png", "notes.jpg"]
 
 
 # ------------------------------------------------------------------------------------- bad files

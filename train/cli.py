@@ -11,6 +11,8 @@ import click
 
 from dsah_rt.errors import UserError
 
+SHOWN_SKIPS = 20  # as many as `encode` prints; the Python API has them all in RetrievalData.skipped
+
 
 def _parse_option(text: str) -> tuple[str, Any]:
     """`key=value` with the value read as JSON where it parses (numbers, true/false, null), else a string."""
@@ -41,10 +43,20 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--mode", type=click.Choice(["iterative", "simultaneous"]), default="iterative", show_default=True,
               help="Algorithm 1, or both networks on Eq. 18 (Table 3).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="adam", show_default=True,
+              help="adam: stable from a random init; sgd (momentum 0.9) is the paper's, and diverges at lr 0.01 there.")
 @click.option("--lr", type=float, default=None, help="Learning rate per image [default: sgd 0.01, adam 1e-3].")
-@click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none", show_default=True)
+@click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="cosine", show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--clip-grad", type=float, default=None,
+              help="Clip each step's gradient (per image) to this l2 norm [default: no clipping].")
+@click.option("--hash-backbone", type=click.Choice(["auto", "tune", "frozen"]), default="auto", show_default=True,
+              help="Train the hashing network's backbone, or only its hash layer (sec. 4.3: VGG-16 'is not "
+                   "finetuned'); auto: frozen on pretrained weights, tuned from a random init.")
+@click.option("--warmup-epochs", type=int, default=0, show_default=True,
+              help="DSaH: epochs training the hashing network alone on the original images before Algorithm 1.")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Evaluate MAP and write the codes every N epochs (and always after the last).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--input-size", type=int, default=None, help="Square input side [default: the backbone's].")
 @click.option("--lambda", "lam", type=float, default=None, help="Semantic weight [default: 30; 60 simultaneous].")
@@ -52,8 +64,10 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--margin", type=float, default=None, help="Saliency margin m [default: bits/4].")
 @click.option("--margin-units", type=click.Choice(["bits", "unit"]), default="bits", show_default=True,
               help="Distances of Eq. 9 in bits (k|...|) or as written, in [0, 1].")
-@click.option("--semantic-norm", type=click.Choice(["abs", "square"]), default="square", show_default=True,
-              help="J_sem's pair error squared (the squared l2 loss), or |S - (u.u+k)/2k| as Eq. 6 writes it.")
+@click.option("--semantic-norm", type=click.Choice(["abs", "square", "likelihood"]), default="square",
+              show_default=True,
+              help="J_sem's pair error squared (the squared l2 loss), |S - (u.u+k)/2k| as Eq. 6 writes it, "
+                   "or DPSH's pair likelihood in its place.")
 @click.option("--ablation", "ablations", multiple=True,
               type=click.Choice(["hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization"]),
               help="Table 4 switches (repeatable).")
@@ -65,8 +79,12 @@ def _parse_option(text: str) -> tuple[str, Any]:
               help="torch CPU threads [default: torch's]; 1 on a busy machine avoids threads spinning on each other.")
 def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -> None:
     """Train DSaH (Algorithm 1) or the DPSH baseline; checkpoint, metrics and codes go to --out."""
+    from dsah_rt.omp import passive_openmp
+
+    passive_openmp()  # before torch starts: spinning OpenMP threads slowed training 4x on 2 shared cores
     import torch
 
+    from dsah_rt.encode import display_path
     from dsah_rt.train.data import load_dataset
     from dsah_rt.train.run import sub_run_dir
     from dsah_rt.train.trainer import TrainOptions, train as train_run
@@ -81,6 +99,10 @@ def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -
     for opts in runs:  # every option checked before the data is loaded, so a bad one fails at once
         opts.resolved()
     dataset = load_dataset(data, seed=data_seed, **options)
+    for skip in dataset.skipped[:SHOWN_SKIPS]:
+        click.echo(f"skipped {display_path(skip.path)}: {skip.reason}", err=True)
+    if len(dataset.skipped) > SHOWN_SKIPS:
+        click.echo(f"... and {len(dataset.skipped) - SHOWN_SKIPS} more skipped files", err=True)
     for opts in runs:
         run_dir = sub_run_dir(out, opts.bits, bits)
         metrics = train_run(opts, run_dir, data=dataset, resume=resume, echo=lambda line: click.echo(line, err=True))

@@ -16,6 +16,7 @@ All sums are sums, not means, as the paper writes them; the weights lambda = 30,
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -24,8 +25,11 @@ import torch.nn.functional as F
 from dsah_rt.train.models import pm1_from_u
 
 Units = Literal["bits", "unit"]
-Norm = Literal["abs", "square"]
-NORMS: tuple[Norm, ...] = ("abs", "square")
+Norm = Literal["abs", "square", "likelihood"]
+# "likelihood" swaps Eq. 6's pair error for DPSH's negative log-likelihood of S_ij (a departure, an
+# experiment of issue 8: with many classes most pairs are dissimilar, and Eq. 6 asks each of them for
+# u_i.u_j = -k, which no set of more than two codes can satisfy at once).
+NORMS: tuple[Norm, ...] = ("abs", "square", "likelihood")
 
 LAMBDA = 30.0
 ALPHA = 40.0
@@ -60,15 +64,29 @@ def _pair_mask(n: int, device: torch.device) -> torch.Tensor:
 def _pair_distance(u: torch.Tensor, S: torch.Tensor, bits: int, norm: Norm = "abs") -> torch.Tensor:
     """|S_ij - (u_i.u_j + k) / 2k| (or its square) for all i, j: Eq. 6's summand, d_ij of Eq. 9 (abs);
     in [0, 1] for binary codes."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm not in ("abs", "square"):
+        raise ValueError(f"norm must be abs or square, got {norm!r}")
     error = S - (u @ u.T + bits) / (2 * bits)
     return error.abs() if norm == "abs" else error.square()
 
 
 def semantic_loss(u: torch.Tensor, S: torch.Tensor, bits: int, norm: Norm = "abs") -> torch.Tensor:
-    """Eq. 6 (or Eq. 7 with u'): sum over pairs i < j of |S_ij - (u_i.u_j + k) / 2k| (or its square)."""
+    """Eq. 6 (or Eq. 7 with u'): sum over pairs i < j of |S_ij - (u_i.u_j + k) / 2k| (or its square,
+    or with `norm="likelihood"` DPSH's pair term)."""
+    if norm == "likelihood":
+        return _likelihood(u, S)
     return _pair_distance(u, S, bits, norm)[_pair_mask(len(u), u.device)].sum()
+
+
+def _likelihood(u: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """DPSH's sum over pairs i < j of log(1 + e^theta_ij) - S_ij theta_ij, theta_ij = u_i.u_j / 2.
+
+    log(1 + e^theta) is computed as max(theta, 0) + log1p(e^-|theta|): finite for the large
+    |theta| of long codes, and exact where F.softplus switches to the identity (theta > 20).
+    """
+    theta = (u @ u.T) / 2
+    softplus = theta.clamp(min=0) + torch.log1p(torch.exp(-theta.abs()))
+    return (softplus - S * theta)[_pair_mask(len(u), u.device)].sum()
 
 
 def saliency_loss(
@@ -107,7 +125,41 @@ def quantization_loss(u: torch.Tensor) -> torch.Tensor:
     return (u - pm1_from_u(u).detach()).abs().sum()
 
 
-def _total(weighted: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+@torch.no_grad()
+def diagnostics(
+    u: torch.Tensor, u_sal: torch.Tensor | None, S: torch.Tensor, bits: int, margin: float | None = None,
+    units: Units = "bits",
+) -> dict[str, float]:
+    """What the terms are doing, for metrics.json: |u| (are codes saturating or exploding?), and
+    with u' the mean d and d' of Eq. 9 (in `units`) and the share of pairs whose Eq. 10 hinge is
+    active (1.0 = the saliency loss is linear everywhere, 0.0 = it is switched off)."""
+    stats = {"u_abs_mean": float(u.abs().mean()), "u_abs_max": float(u.abs().max())}
+    if u_sal is None:
+        return stats
+    pairs = _pair_mask(len(u), u.device)
+    scale = bits if units == "bits" else 1
+    d = scale * _pair_distance(u, S, bits)[pairs]
+    d_sal = scale * _pair_distance(u_sal, S, bits)[pairs]
+    m = bits / 4 if margin is None else margin
+    return {
+        **stats,
+        "u_sal_abs_mean": float(u_sal.abs().mean()),
+        "d": float(d.mean()),
+        "d_sal": float(d_sal.mean()),
+        "hinge_active": float((m - d + d_sal > 0).float().mean()),
+    }
+
+
+def map_statistics(salmap: torch.Tensor) -> dict[str, float]:
+    """Mean of the Eq. 3 map (the share of the image kept) and its entropy as a distribution over
+    pixels, relative to a flat map's (1.0 = flat, no localisation; lower = concentrated)."""
+    mass = salmap.detach().flatten(1)
+    p = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1) / math.log(mass.shape[1])
+    return {"map_mean": float(mass.mean()), "map_entropy": float(entropy.mean())}
+
+
+def weighted_total(weighted: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of weight * term, and the unweighted terms plus the total as floats for logging."""
     total = sum(w * term for w, term in weighted.values())
     logs = {name: float(term.detach()) for name, (_, term) in weighted.items()}
@@ -145,7 +197,7 @@ def hashing_objective(
     if quantization:
         terms["reg_ori"] = (1.0, quantization_loss(u))
         terms["reg_sal"] = (1.0, quantization_loss(u_sal))
-    return _total(terms)
+    return weighted_total(terms)
 
 
 def attention_objective(
@@ -179,7 +231,7 @@ def attention_objective(
         terms["reg_sal"] = (1.0, quantization_loss(u_sal))
     if not terms:
         raise ValueError("attention_objective needs at least one term switched on")
-    return _total(terms)
+    return weighted_total(terms)
 
 
 def simultaneous_objective(
@@ -207,17 +259,10 @@ def simultaneous_objective(
     if quantization:
         terms["reg_ori"] = (1.0, quantization_loss(u))
         terms["reg_sal"] = (1.0, quantization_loss(u_sal))
-    return _total(terms)
+    return weighted_total(terms)
 
 
 def dpsh_loss(u: torch.Tensor, S: torch.Tensor, eta: float = DPSH_ETA) -> torch.Tensor:
-    """DPSH: sum over pairs i < j of log(1 + e^theta_ij) - S_ij theta_ij, theta_ij = u_i.u_j / 2,
-    plus eta * sum_i ||u_i - b_i||^2 with b = +1 where u >= 0 else -1 (held fixed).
-
-    log(1 + e^theta) is computed as max(theta, 0) + log1p(e^-|theta|): finite for the large
-    |theta| of long codes, and exact where F.softplus switches to the identity (theta > 20).
-    """
-    theta = (u @ u.T) / 2
-    softplus = theta.clamp(min=0) + torch.log1p(torch.exp(-theta.abs()))
-    likelihood = (softplus - S * theta)[_pair_mask(len(u), u.device)].sum()
-    return likelihood + eta * (u - pm1_from_u(u).detach()).pow(2).sum()
+    """DPSH: the pairwise likelihood (`_likelihood`) plus eta * sum_i ||u_i - b_i||^2 with
+    b = +1 where u >= 0 else -1 (held fixed)."""
+    return _likelihood(u, S) + eta * (u - pm1_from_u(u).detach()).pow(2).sum()

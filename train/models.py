@@ -151,9 +151,27 @@ class HashNet(nn.Module):
         self.backbone = backbone
         self.hash_layer = nn.Linear(backbone.head_features, bits)
         self.bits = bits
+        self.backbone_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hash_layer(self.backbone(self.normalize(x)))
+
+    def freeze_backbone(self) -> HashNet:
+        """Train only the hash layer: the backbone keeps its weights and its BatchNorm statistics.
+
+        Sec. 4.3: "VGG-16 is not finetuned on each dataset". Eval mode is pinned (see `train`),
+        so the saliency images that pass through it cannot shift statistics the original images
+        are then encoded with.
+        """
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> HashNet:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
 
 def _config(method: str, backbone: Backbone, bits: int, **extra: Any) -> dict[str, Any]:
@@ -218,9 +236,14 @@ class DPSH(nn.Module):
 
 
 def build_dsah(backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None) -> DSaH:
-    """DSaH on `backbone`: two independent backbone instances, both loaded with `weights`."""
+    """DSaH on `backbone`: two independent backbone instances, both loaded with `weights`.
+
+    The hashing network is built first, so that for one seed it starts from the same weights as
+    `build_dpsh`'s (matched initialisation: a method comparison is then not an init lottery).
+    """
+    hashing = HashNet(build_backbone(backbone, weights), bits)
     attention = AttentionNet(build_backbone(backbone, weights), fc_channels=fc_channels)
-    return DSaH(attention, HashNet(build_backbone(backbone, weights), bits))
+    return DSaH(attention, hashing)
 
 
 def build_dpsh(backbone: str, bits: int, weights: Weights = "imagenet") -> DPSH:

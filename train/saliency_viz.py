@@ -1,11 +1,15 @@
 """Saliency pictures like the paper's Figure 7: image | heat-map overlay | saliency image y (Eq. 4).
 
-The map is computed at the run's input size and drawn at the image's own size (bilinear), so the
-panels show the photo as it is. Pillow and numpy only (matplotlib is a dev extra).
+The map is computed on the image as training and `encode` feed it to the model
+(`dsah_rt.images.decode` and `resize`), and drawn at the image's own size (bilinear), so the
+panels show the photo as it is. A folder is read as `encode` reads it: recursively, images told
+by content, every other file reported with its reason. Pillow and numpy only (matplotlib is a
+dev extra).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from dsah_rt.atomic import atomic_write
+from dsah_rt.encode import display_path
 from dsah_rt.errors import DataError, UserError
-from dsah_rt.train.data.core import IMAGE_EXTENSIONS, read_image
+from dsah_rt.images import ImageSkip, decode, resize, scan
 from dsah_rt.train.models import DSaH
 from dsah_rt.train.run import load_run
 from dsah_rt.train.trainer import resolve_device
@@ -52,18 +57,12 @@ def saliency_figure(image: np.ndarray, salmap: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def saliency_map(model: DSaH, image: np.ndarray, input_size: int, device: torch.device) -> np.ndarray:
-    """Eq. 3's map for one HxWx3 uint8 image, computed at `input_size` and resized to H x W."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255).to(device)
-    x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
-    salmap, _ = model.saliency(x.clamp(0, 1))
+    """Eq. 3's map for one HxWx3 uint8 image, computed on its model input and resized to H x W."""
+    pixels = resize(image, input_size)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(255).to(device)
+    salmap, _ = model.saliency(x)
     salmap = F.interpolate(salmap, size=image.shape[:2], mode="bilinear", align_corners=False)
     return salmap[0, 0].clamp(0, 1).cpu().numpy()
-
-
-def _image_files(images: Path) -> list[Path]:
-    if images.is_file():
-        return [images]
-    return sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def render_saliency(
@@ -74,32 +73,52 @@ def render_saliency(
     device: str = "auto",
     echo: Callable[[str], None] = print,
 ) -> tuple[int, int]:
-    """Write `out/<stem>.png` for an image file or each image in a folder; return (written, skipped).
+    """Write `out/<relative path>.png` for an image file or each image under a folder; return
+    (written, skipped).
 
-    An unreadable file given on its own is an error; in a folder it is skipped with a message.
+    The whole relative name is kept (`a.jpg` -> `a.jpg.png`, `sub/a.jpg` -> `sub/a.jpg.png`) so
+    that `a.jpg` and `a.png`, or two folders' `0.jpg`, never overwrite each other. An unreadable
+    file given on its own is an error; in a folder it is skipped with its reason, and so is
+    every file that is not an image. `out` inside the folder is left out of the scan, so a rerun
+    does not draw its own pictures.
     """
     dev = resolve_device(device)
     model, config = load_run(run_dir, device=dev, bits=bits)
     if not isinstance(model, DSaH):
         raise UserError(f"{run_dir}: a {config['method']} run has no attention network; saliency needs a DSaH run")
-    files = _image_files(images)
-    if not files:
-        raise UserError(f"{images}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    out.mkdir(parents=True, exist_ok=True)
-    written = skipped = 0
-    for path in files:
+    if images.is_file():
+        root, files, skipped = images.parent, [images.name], []
+    else:
+        found = scan(images, _own_output(images, out))
+        root, files, skipped = found.root, found.files, found.skipped
+    for skip in skipped:
+        echo(f"skipped {display_path(skip.path)}: {skip.reason}")
+    written, reasons = 0, [(s.path, s.reason) for s in skipped]
+    for rel in files:
         try:
-            image = read_image(path)
-        except DataError as exc:
+            image = decode(root / rel)
+        except ImageSkip as exc:
             if images.is_file():
-                raise
-            echo(f"skipped {exc}")
-            skipped += 1
+                raise DataError(f"{images}: cannot read image ({exc})") from None
+            echo(f"skipped {display_path(rel)}: {exc}")
+            reasons.append((rel, str(exc)))
             continue
         figure = saliency_figure(image, saliency_map(model, image, config["input_size"], dev))
-        _save_png(out / f"{path.stem}.png", figure)
+        target = out / f"{rel}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(target, figure)
         written += 1
-    return written, skipped
+    if not written:
+        shown = "; ".join(f"{display_path(rel)}: {reason}" for rel, reason in reasons[:3])
+        more = "; ..." if len(reasons) > 3 else ""
+        raise UserError(f"{images}: no images found" + (f" (skipped {shown}{more})" if reasons else ""))
+    return written, len(reasons)
+
+
+def _own_output(folder: Path, out: Path) -> frozenset[str]:
+    """`out` relative to `folder` when it lies inside it (to leave out of the scan), else nothing."""
+    inside = os.path.relpath(out.resolve(), folder.resolve())
+    return frozenset() if inside == os.pardir or inside.startswith(os.pardir + os.sep) else frozenset({inside})
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:

@@ -75,6 +75,7 @@ MODES = ("iterative", "simultaneous")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "cosine", "step")
 AUGMENTS = ("none", "crop", "crop+flip")
+HASH_BACKBONES = ("auto", "tune", "frozen")
 # Switches relative to the paper's best setting (Table 4's last row): hashing on J_sem, attention
 # on J_sem + J_sal. "no-quantization" drops every J_reg term.
 ABLATIONS = ("hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization")
@@ -94,14 +95,17 @@ class TrainOptions:
     bits: int = 12
     weights: str | None = None  # None: "imagenet" where the backbone has such weights, else "none"
     input_size: int | None = None  # None: the backbone's own
+    # "auto": frozen on pretrained weights (sec. 4.3, VGG-16 "is not finetuned"), tuned from random init
+    hash_backbone: str = "auto"
     mode: str = "iterative"
     epochs: int = 10
     batch_size: int = 32
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "none"
+    clip_grad: float | None = None  # max l2 norm of a step's gradient (per image); None: no clipping
+    schedule: str = "cosine"
     lam: float | None = None  # None: 30 (iterative) or 60 (simultaneous)
     alpha: float | None = None  # None: 40 (iterative) or 0.01 (simultaneous)
     margin: float | None = None  # None: k/4
@@ -109,15 +113,19 @@ class TrainOptions:
     semantic_norm: L.Norm = "square"
     eta: float = L.DPSH_ETA
     ablations: tuple[str, ...] = ()
+    # DSaH: epochs that train the hashing network alone on the original images (lambda J_sem_ori +
+    # J_reg_ori) before Algorithm 1 starts; 0 is the paper (its VGG-16 arrives trained on ImageNet).
+    warmup_epochs: int = 0
     augment: str = "none"
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    eval_every: int = 1  # evaluate (MAP, codes files) every N epochs, and always after the last
 
     def resolved(self) -> TrainOptions:
         """A copy with every None default filled in, validated."""
         checks = (("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                  ("augment", AUGMENTS), ("margin_units", ("bits", "unit")), ("semantic_norm", L.NORMS))  # fmt: skip
+                  ("augment", AUGMENTS), ("hash_backbone", HASH_BACKBONES), ("margin_units", ("bits", "unit")), ("semantic_norm", L.NORMS))  # fmt: skip
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -130,15 +138,28 @@ class TrainOptions:
             raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
         if {"attention-no-sem", "attention-no-sal"} <= set(self.ablations):
             raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
-        for name in ("epochs", "batch_size", "bits"):
+        for name in ("epochs", "batch_size", "bits", "eval_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs and (self.method != "dsah" or self.mode != "iterative"):
+            raise UserError("--warmup-epochs applies to DSaH's iterative mode only")
         if self.batch_size < 2:
             raise UserError("batch_size must be at least 2: the losses are over pairs within a batch")
         simultaneous = self.mode == "simultaneous"
+        weights = self.weights or default_weights(self.backbone)
         return TrainOptions(**{
             **asdict(self),
-            "weights": self.weights or default_weights(self.backbone),
+            "weights": weights,
+            "hash_backbone": (("tune" if weights == "none" else "frozen") if self.hash_backbone == "auto"
+                              else self.hash_backbone),
             "lr": DEFAULT_LR[self.optimizer] if self.lr is None else self.lr,
             "lam": (L.SIMULTANEOUS_LAMBDA if simultaneous else L.LAMBDA) if self.lam is None else self.lam,
             "alpha": (L.SIMULTANEOUS_ALPHA if simultaneous else L.ALPHA) if self.alpha is None else self.alpha,
@@ -164,7 +185,8 @@ def resolve_device(device: str) -> torch.device:
 
 # ------------------------------------------------------------------------------------ phases
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# (model, images, S) -> (loss, its unweighted terms and "total", diagnostics: |u|, d/d', hinge, map)
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float], dict[str, float]]]
 
 
 @dataclass
@@ -201,38 +223,55 @@ def _objectives(opts: TrainOptions, bits: int) -> dict[str, Objective]:
     common = {"margin": opts.margin, "units": opts.margin_units, "norm": opts.semantic_norm}
     quantization = "no-quantization" not in ablations
 
+    def logged(objective, u, u_sal, S, salmap=None):
+        diagnostics = L.diagnostics(u, u_sal, S, bits, opts.margin, opts.margin_units)
+        if salmap is not None:
+            diagnostics.update(L.map_statistics(salmap))
+        return (*objective, diagnostics)
+
     def attention(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():  # u does not depend on the attention network
             u = model.hashing(x)
-        u_sal = model.hashing(model.saliency(x)[1])
-        return L.attention_objective(
+        salmap, y = model.saliency(x)
+        u_sal = model.hashing(y)
+        return logged(L.attention_objective(
             u, u_sal, S, bits, alpha=opts.alpha, lam=opts.lam, semantic="attention-no-sem" not in ablations,
             saliency="attention-no-sal" not in ablations, quantization=quantization, **common,
-        )  # fmt: skip
+        ), u, u_sal, S, salmap)  # fmt: skip
 
     def hashing(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
-            y = model.saliency(x)[1]
-        return L.hashing_objective(
-            model.hashing(x), model.hashing(y), S, bits, lam=opts.lam, alpha=opts.alpha,
+            salmap, y = model.saliency(x)
+        u, u_sal = model.hashing(x), model.hashing(y)
+        return logged(L.hashing_objective(
+            u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha,
             saliency="hash-sal" in ablations, quantization=quantization, **common,
-        )  # fmt: skip
+        ), u, u_sal, S, salmap)  # fmt: skip
+
+    def warmup(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        u = model.hashing(x)
+        terms = {"sem_ori": (opts.lam, L.semantic_loss(u, S, bits, opts.semantic_norm))}
+        if quantization:
+            terms["reg_ori"] = (1.0, L.quantization_loss(u))
+        return logged(L.weighted_total(terms), u, None, S)
 
     def joint(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        u, u_sal, _ = model(x)
-        return L.simultaneous_objective(
+        u, u_sal, salmap = model(x)
+        return logged(L.simultaneous_objective(
             u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="attention-no-sal" not in ablations,
             quantization=quantization, **common,
-        )  # fmt: skip
+        ), u, u_sal, S, salmap)  # fmt: skip
 
     def dpsh(model: nn.Module, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = L.dpsh_loss(model(x), S, opts.eta)
-        return loss, {"total": float(loss.detach())}
+        u = model(x)
+        loss = L.dpsh_loss(u, S, opts.eta)
+        return logged((loss, {"dpsh": float(loss.detach()), "total": float(loss.detach())}), u, None, S)
 
-    return {"attention": attention, "hashing": hashing, "joint": joint, "dpsh": dpsh}
+    return {"attention": attention, "hashing": hashing, "warmup": warmup, "joint": joint, "dpsh": dpsh}
 
 
-def _optimizer(opts: TrainOptions, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(opts: TrainOptions, module: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
     if opts.optimizer == "sgd":
         return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -242,15 +281,21 @@ def build_phases(model: nn.Module, opts: TrainOptions) -> list[Phase]:
     """The passes of one epoch, in order, each with its own optimiser."""
     objectives = _objectives(opts, model.hashing.bits)
     if opts.method == "dpsh":
-        return [Phase("hashing", model, None, _optimizer(opts, list(model.parameters())), objectives["dpsh"])]
+        return [Phase("hashing", model, None, _optimizer(opts, model), objectives["dpsh"])]
     if opts.mode == "simultaneous":
-        return [Phase("joint", model, None, _optimizer(opts, list(model.parameters())), objectives["joint"])]
+        return [Phase("joint", model, None, _optimizer(opts, model), objectives["joint"])]
     return [
-        Phase("attention", model.attention, model.hashing, _optimizer(opts, list(model.attention.parameters())),
-              objectives["attention"]),
-        Phase("hashing", model.hashing, model.attention, _optimizer(opts, list(model.hashing.parameters())),
-              objectives["hashing"]),
+        Phase("attention", model.attention, model.hashing, _optimizer(opts, model.attention), objectives["attention"]),
+        Phase("hashing", model.hashing, model.attention, _optimizer(opts, model.hashing), objectives["hashing"]),
     ]  # fmt: skip
+
+
+def warmup_phase(model: nn.Module, phases: list[Phase], opts: TrainOptions) -> Phase | None:
+    """The hashing-only pass of a warm-up epoch; it steps the hashing phase's own optimiser."""
+    if not opts.warmup_epochs:
+        return None
+    hashing = next(p for p in phases if p.name == "hashing")
+    return Phase("warmup", model.hashing, model.attention, hashing.optimizer, _objectives(opts, model.hashing.bits)["warmup"])
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -376,7 +421,7 @@ def _deterministic() -> Iterator[None]:
 
 
 # Options that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers"})
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "eval_every"})
 
 
 class Trainer:
@@ -416,10 +461,13 @@ class Trainer:
             self.model = model_from_config(state["config"])
             self.model.load_state_dict(state["model"])
             self.weights_source = state["config"]["weights_source"]
+        if self.opts.hash_backbone == "frozen":
+            self.model.hashing.freeze_backbone()
         self.model.to(self.device)
         self.input_size = self.opts.input_size or self.model.hashing.backbone.input_size
         self.config = R.resolved_config(self.model, self.input_size, _jsonable(asdict(self.opts)), self.weights_source)
         self.phases = build_phases(self.model, self.opts)
+        self.warmup = warmup_phase(self.model, self.phases, self.opts)
 
         crop = self.opts.augment != "none"
         train_set = TorchSplit(self.data.train, self.input_size, augment=crop, flip=self.opts.augment == "crop+flip")
@@ -440,8 +488,8 @@ class Trainer:
 
         self.epoch = 0
         self.metrics: list[dict[str, Any]] = []
-        self.train_codes: np.ndarray | None = None  # B of the last epoch
-        self.db_codes: np.ndarray | None = None  # of the model as it is now, when the database is the train set
+        self.train_codes: np.ndarray | None = None  # B at the last evaluation
+        self.codes: tuple[np.ndarray, np.ndarray] | None = None  # (query, database) codes of that evaluation
         if state is not None:
             self._restore(state)
 
@@ -482,89 +530,122 @@ class Trainer:
     def _epoch(self) -> None:
         epoch = self.epoch
         start = time.perf_counter()
-        self.model.eval()
-        b = self.db_codes
-        if b is None:
-            b = encode_split(self.model, self.train_eval_loader, self.device)[0]
-        flipped = None if self.train_codes is None else float(
-            np.unpackbits(b ^ self.train_codes, axis=1, count=self.opts.bits).mean()
-        )  # fmt: skip
-        self.train_codes = b
-
-        losses, images, train_seconds = {}, 0, 0.0
-        for phase in self.phases:
+        losses, diagnostics, images, train_seconds = {}, {}, 0, 0.0
+        for phase in [self.warmup] if epoch < self.opts.warmup_epochs else self.phases:
             lr = self.opts.lr * lr_factor(self.opts.schedule, epoch, self.opts.epochs)
             for group in phase.optimizer.param_groups:
                 group["lr"] = lr
             tick = time.perf_counter()
-            losses[phase.name] = self.train_pass(phase, f"epoch {epoch + 1}/{self.opts.epochs} {phase.name}")
+            losses[phase.name], diagnostics[phase.name] = self.train_pass(
+                phase, f"epoch {epoch + 1}/{self.opts.epochs} {phase.name}"
+            )
             train_seconds += time.perf_counter() - tick
             images += len(self.train_loader) * self.train_loader.batch_size
 
-        self.model.eval()
-        query, loc = encode_split(self.model, self.query_loader, self.device)
-        db, _ = encode_split(self.model, self.db_eval_loader, self.device)
-        self.db_codes = db if self.data.database is self.data.train else None
-        ev = evaluate_keeping_threads(query, db, self.data.query.labels, self.data.database.labels, bits=self.opts.bits)
-        entry = {
-            "epoch": epoch + 1,
-            "map": ev["map"],
-            "map_tie_aware": ev["map_tie_aware"],
-            "precision_at_radius": ev["precision_at_radius"],
-            "loss": losses,
-            "lr": lr,
-            "train_bits_flipped": flipped,
+        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": losses, "diagnostics": diagnostics, "lr": lr}
+        evaluated = (epoch + 1) % self.opts.eval_every == 0 or epoch + 1 == self.opts.epochs
+        if evaluated:
+            entry.update(self._evaluate())
+        entry.update({
             "images_per_s": images / max(train_seconds, 1e-9),
             "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - start,
-        }
-        if loc is not None:
-            entry["localisation"] = float(loc.mean())
+        })  # fmt: skip
         self.metrics.append(entry)
         self.epoch += 1
-        self._save(query, db)
-        shown = f"epoch {epoch + 1}/{self.opts.epochs}: MAP {entry['map']:.4f}"
-        if loc is not None:
-            shown += f", localisation {entry['localisation']:.2f}"
-        self.echo(shown + f", {entry['images_per_s']:.0f} images/s")
+        self._save(evaluated)
+        shown = f"epoch {epoch + 1}/{self.opts.epochs}: "
+        if evaluated:
+            shown += f"MAP {entry['map']:.4f}" + (f", localisation {entry['localisation']:.2f}" if "localisation" in entry else "")
+        else:
+            shown += f"loss {losses[next(reversed(losses))]['total']:.1f}"
+        self.echo(shown + f", {entry['images_per_s']:.0f} images/s, ETA {_eta(self.metrics, self.opts.epochs)}")
 
-    def train_pass(self, phase: Phase, label: str = "") -> dict[str, float]:
-        """One pass over the training set for `phase`; the mean of each logged term per batch."""
+    def _evaluate(self) -> dict[str, Any]:
+        """MAP (and localisation) of the model as it is now; the codes are kept for `_save`.
+
+        `train_bits_flipped` is the share of B's bits (the training set's codes, Eq. 17) that changed
+        since the previous evaluation: the paper's Fig. 6 convergence in one number.
+        """
+        self.model.eval()
+        query, loc = encode_split(self.model, self.query_loader, self.device)
+        db, _ = encode_split(self.model, self.db_eval_loader, self.device)
+        b = db if self.data.database is self.data.train else encode_split(self.model, self.train_eval_loader, self.device)[0]
+        flipped = None if self.train_codes is None else float(
+            np.unpackbits(b ^ self.train_codes, axis=1, count=self.opts.bits).mean()
+        )  # fmt: skip
+        self.train_codes, self.codes = b, (query, db)
+        ev = evaluate_keeping_threads(query, db, self.data.query.labels, self.data.database.labels, bits=self.opts.bits)
+        out = {key: ev[key] for key in ("map", "map_tie_aware", "precision_at_radius")}
+        out["train_bits_flipped"] = flipped
+        if loc is not None:
+            out["localisation"] = float(loc.mean())
+        return out
+
+    def train_pass(self, phase: Phase, label: str = "") -> tuple[dict[str, float], dict[str, float]]:
+        """One pass over the training set for `phase`: the per-batch means of each loss term, and of
+        each diagnostic (including `grad_norm`, the gradient's l2 norm before any clipping)."""
         phase.trains.train()
         sums: dict[str, float] = {}
+        diag_sums: dict[str, float] = {}
         bar = Progress(len(self.train_loader) * self.train_loader.batch_size, label, self.progress_stream)
         tick, seen = time.perf_counter(), 0
+        params = [p for group in phase.optimizer.param_groups for p in group["params"]]
         with frozen(phase.frozen):
             for batch in self.train_loader:
                 x, labels = batch[0].to(self.device), batch[1].to(self.device)
                 S = L.similarity(labels, labels)
-                loss, logs = phase.objective(self.model, x, S)
+                loss, logs, diagnostics = phase.objective(self.model, x, S)
                 if not math.isfinite(logs["total"]):
-                    raise UserError(f"{label}: the loss is not finite ({logs['total']}); lower --lr")
+                    kept = (f"the checkpoint of epoch {self.epoch} is kept in {self.run_dir}" if self.epoch
+                            else "no epoch had finished, so nothing was written")
+                    raise UserError(f"{label}: {_diverged(logs)}; {kept}")
                 phase.optimizer.zero_grad(set_to_none=True)
                 (loss / len(x)).backward()
+                diagnostics["grad_norm"] = float(nn.utils.clip_grad_norm_(params, self.opts.clip_grad or math.inf))
                 phase.optimizer.step()
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                for into, values in ((sums, logs), (diag_sums, diagnostics)):
+                    for key, value in values.items():
+                        into[key] = into.get(key, 0.0) + value
                 seen += len(x)
-                bar.update(len(x), f"loss {logs['total']:.1f} {seen / (time.perf_counter() - tick):.0f} img/s")
-        return {key: value / len(self.train_loader) for key, value in sums.items()}
+                rate = seen / (time.perf_counter() - tick)
+                eta = (bar.total - seen) / max(rate, 1e-9)
+                bar.update(len(x), f"loss {logs['total']:.1f} {rate:.0f} img/s, {eta:.0f} s left in this pass")
+        batches = len(self.train_loader)
+        return {k: v / batches for k, v in sums.items()}, {k: v / batches for k, v in diag_sums.items()}
 
-    def _save(self, query: np.ndarray, db: np.ndarray) -> None:
+    def _save(self, evaluated: bool) -> None:
         rng = {**R.capture_rng_states(), "loader": self.generator.get_state()}
         optimizers = {phase.name: phase.optimizer.state_dict() for phase in self.phases}
-        extra = {"train_codes": torch.from_numpy(self.train_codes)}
+        extra = {} if self.train_codes is None else {"train_codes": torch.from_numpy(self.train_codes)}
         R.save_checkpoint(self.run_dir, self.model, optimizers, self.epoch, self.config, rng, self.metrics, extra=extra)
+        if not evaluated:
+            return
         described = {
             "run": str(self.run_dir), "method": self.opts.method, "bits": self.opts.bits, "epoch": self.epoch,
             "fingerprint": R.state_fingerprint(self.model.state_dict()),
         }  # fmt: skip
+        query, db = self.codes
         write_codes(self.run_dir / "query_codes.npy", query, self.opts.bits, model=described)
         write_codes(self.run_dir / "db_codes.npy", db, self.opts.bits, model=described)
         for name, labels in (("query_labels.npy", self.data.query.labels),
                              ("db_labels.npy", self.data.database.labels)):
             arr = _labels_array(labels)
             atomic_write(self.run_dir / name, lambda fh, arr=arr: np.save(fh, arr, allow_pickle=False))
+
+
+def _eta(metrics: list[dict[str, Any]], epochs: int) -> str:
+    """Time left at the mean pace of the epochs so far, as 1h02m, 3m05s or 12s."""
+    left = round(sum(m["epoch_seconds"] for m in metrics) / len(metrics) * (epochs - len(metrics)))
+    hours, rest = divmod(left, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _diverged(logs: dict[str, float]) -> str:
+    """Which logged terms went non-finite, e.g. 'the loss is not finite: sem_ori = inf, total = inf'."""
+    bad = ", ".join(f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v))
+    return f"the loss is not finite: {bad}"
 
 
 def _jsonable(obj: Any) -> Any:

@@ -46,6 +46,7 @@ def test_imagefolder_sampled_protocol(tmp_path):
     (tmp_path / "cat" / ".hidden.png").write_bytes(b"junk")
     data = load_dataset(tmp_path, query_per_class=2, train_per_class=5, train_in_database=False)
     assert data.name == "imagefolder" and data.class_names == ["cat", "dog", "emu"]
+    assert [s.path for s in data.skipped] == ["cat/.hidden.png", "cat/notes.txt"]
     assert (len(data.query), len(data.train), len(data.database)) == (6, 15, 38 - 21)
     assert np.bincount(data.query.labels).tolist() == [2, 2, 2]
     everything = data.query.paths + data.train.paths + data.database.paths
@@ -76,15 +77,42 @@ def test_imagefolder_split_folders(tmp_path):
         load_dataset(tmp_path, query_per_class=3)
 
 
-def test_imagefolder_unreadable_image_fails_when_loaded(tmp_path):
+def test_imagefolder_picks_images_by_content_like_encode(tmp_path):
+    from dsah_rt.images import find_images
+
     write_class_tree(tmp_path, {"a": 3, "b": 3})
-    (tmp_path / "b" / "002.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "b" / "002.png").write_bytes(b"\x89PNG broken")  # an image's name, not its bytes
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    # found in a subfolder, and by content: a PNG with no extension
+    write_image(tmp_path / "a" / "deeper" / "x.png", 0).rename(tmp_path / "a" / "deeper" / "really_png")
     data = load_dataset(tmp_path, query_per_class=1)
-    split = data.train if tmp_path / "b" / "002.png" in data.train.paths else data.query
-    i = split.paths.index(tmp_path / "b" / "002.png")
+    paths = data.query.paths + data.train.paths
+    assert tmp_path / "a" / "deeper" / "really_png" in paths and tmp_path / "b" / "002.png" not in paths
+    assert [(s.path, s.reason.split(" (")[0]) for s in data.skipped] == [
+        ("a/notes.txt", "not an image"), ("b/002.png", "not an image")]
+    for name in ("a", "b"):  # the same files encode would take from each class folder
+        found = find_images(tmp_path / name)
+        assert sorted(tmp_path / name / rel for rel in found.files) == sorted(
+            p for p in paths if p.is_relative_to(tmp_path / name))
+
+
+def test_imagefolder_split_folders_report_skips_under_their_folder(tmp_path):
+    write_class_tree(tmp_path / "train", {"a": 2})
+    write_class_tree(tmp_path / "query", {"a": 1})
+    (tmp_path / "query" / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    assert [s.path for s in load_dataset(tmp_path).skipped] == ["query/a/.DS_Store"]
+
+
+def test_imagefolder_truncated_image_fails_when_loaded(tmp_path):
+    write_class_tree(tmp_path, {"a": 3, "b": 3})
+    path = tmp_path / "b" / "002.png"
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])  # the header is whole: listed, then unreadable
+    data = load_dataset(tmp_path, query_per_class=1)
+    split = data.train if path in data.train.paths else data.query
     with pytest.raises(DataError) as err:
-        split.image(i)
-    assert_one_line_naming(err, str(tmp_path / "b" / "002.png"))
+        split.image(split.paths.index(path))
+    assert_one_line_naming(err, str(path), "cannot read image")
 
 
 def test_imagefolder_too_few_images_names_the_class(tmp_path):

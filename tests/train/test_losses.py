@@ -33,6 +33,8 @@ def ref_estimate(ui: list[float], uj: list[float], k: int) -> float:
 
 
 def ref_semantic(u: list, S: list, k: int, norm: str = "abs") -> float:
+    if norm == "likelihood":
+        return ref_dpsh(u, S, 0.0)
     n = len(u)
     return sum(abs(S[i][j] - ref_estimate(u[i], u[j], k)) ** POWER[norm] for i in range(n) for j in range(i + 1, n))
 
@@ -236,7 +238,12 @@ def _loop_objective(
         for j in range(i + 1, len(u)):
             d = k * (S[i, j] - (torch.dot(u[i], u[j]) + k) / (2 * k)).abs()
             d_sal_unit = (S[i, j] - (torch.dot(u_sal[i], u_sal[j]) + k) / (2 * k)).abs()
-            total = total + 40 * torch.clamp(m - d + k * d_sal_unit, min=0) + 30 * d_sal_unit ** POWER[norm]
+            if norm == "likelihood":
+                theta_sal = torch.dot(u_sal[i], u_sal[j]) / 2
+                semantic = torch.log1p(torch.exp(theta_sal)) - S[i, j] * theta_sal
+            else:
+                semantic = d_sal_unit ** POWER[norm]
+            total = total + 40 * torch.clamp(m - d + k * d_sal_unit, min=0) + 30 * semantic
             theta = torch.dot(u[i], u[j]) / 2
             total = total + torch.log1p(torch.exp(theta)) - S[i, j] * theta
     for i in range(len(u)):

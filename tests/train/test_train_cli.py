@@ -69,6 +69,20 @@ def test_train_semantic_norm_reaches_the_config(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["training"]["semantic_norm"] == "abs"
 
 
+def test_train_reports_the_files_of_an_image_folder_it_skips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "b" / "notes.jpg").write_text("not an image")
+    result = _invoke("train", "--data", f"imagefolder:{tmp_path / 'data'}", "--data-option", "query_per_class=2",
+                     "--input-size", "32", "--batch-size", "4", "--device", "cpu", "--epochs", "1",
+                     "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "skipped b/notes.jpg: not an image" in result.output
+
+
 def test_train_errors_are_one_line(tmp_path: Path) -> None:
     _one_line_error(_invoke("train", *TINY, "--out", str(tmp_path / "missing"), "--resume"), "nothing to resume")
     _one_line_error(_invoke("train", "--data", "no-such-data", "--out", str(tmp_path / "x")), "no-such-data")
@@ -95,11 +109,29 @@ def test_saliency_writes_one_png_per_image(dsah_run: Path, tmp_path: Path) -> No
     result = _invoke("saliency", str(images), "--run", str(dsah_run), "--bits", "8", "--out", str(out),
                      "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "broken.png" in result.output and "2 saliency images" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
-    with Image.open(out / "a.png") as img:  # three panels of the image's height, enlarged to >= 128
+    assert "skipped broken.png: not an image" in result.output and "skipped notes.txt: not an image" in result.output
+    assert "2 saliency images" in result.output and "(2 skipped)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png.png", "b.jpg.png"]
+    with Image.open(out / "a.png.png") as img:  # three panels of the image's height, enlarged to >= 128
         width, height = img.size
     assert height == 160 and width == 3 * 200 + 8
+
+
+def test_saliency_reads_folders_like_encode_and_names_never_collide(dsah_run: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for rel in ("img0.png", "img0.jpg", "sub/img0.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images / rel)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(images / "no_extension", format="PNG")
+    out = images / "overlays"  # inside the folder: left out of the scan, so a rerun draws the same set
+    for _ in range(2):
+        result = _invoke("saliency", str(images), "--run", str(dsah_run), "--bits", "8", "--out", str(out),
+                         "--device", "cpu")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "4 saliency images" in result.output and "skipped" not in result.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["img0.jpg.png", "img0.png.png", "no_extension.png", "sub/img0.png.png"]
 
 
 def test_saliency_errors(dsah_run: Path, tmp_path: Path) -> None:
@@ -108,6 +140,12 @@ def test_saliency_errors(dsah_run: Path, tmp_path: Path) -> None:
     _one_line_error(_invoke("saliency", str(images / "broken.png"), "--run", str(dsah_run), "--bits", "8",
                             "--out", out), "broken.png")  # fmt: skip
     _one_line_error(_invoke("saliency", str(images), "--run", str(dsah_run), "--out", out), "8, 16 bits")
+    only_notes = tmp_path / "notes"
+    only_notes.mkdir()
+    (only_notes / "notes.txt").write_text("not an image")
+    result = _invoke("saliency", str(only_notes), "--run", str(dsah_run), "--bits", "8", "--out", out)
+    assert result.exit_code == 1
+    assert "no images found (skipped notes.txt: not an image" in result.output.splitlines()[-1]
     _one_line_error(_invoke("saliency", str(images), "--run", str(tmp_path), "--out", out), "not a dsah-rt run")
     dpsh = tmp_path / "dpsh"
     assert _invoke("train", *TINY, "--epochs", "1", "--method", "dpsh", "--out", str(dpsh)).exit_code == 0

@@ -63,7 +63,7 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, mode: str) -> None:
     assert a["epoch"] == b["epoch"] == 2
     for name in a["optimizers"]:
         for pa, pb in zip(a["optimizers"][name]["state"].values(), b["optimizers"][name]["state"].values()):
-            assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+            assert pa.keys() == pb.keys() and all(torch.equal(pa[key], pb[key]) for key in pa)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     for name in ("query_codes.npy", "db_codes.npy"):
         whole, split = (read_codes(tmp_path / run / name).packed for run in ("whole", "split"))
@@ -131,7 +131,7 @@ def test_dpsh_outputs_and_logged_map(data, tmp_path: Path) -> None:
     assert entry["epoch"] == 1 and set(entry["loss"]) == {"hashing"} and "localisation" not in entry
     assert entry["images_per_s"] > 0 and entry["train_bits_flipped"] is None
     config = json.loads((tmp_path / R.CONFIG).read_text())
-    assert config["method"] == "dpsh" and config["input_size"] == 32 and config["training"]["lr"] == 0.01
+    assert config["method"] == "dpsh" and config["input_size"] == 32 and config["training"]["lr"] == 1e-3
     q, d = read_codes(tmp_path / "query_codes.npy"), read_codes(tmp_path / "db_codes.npy")
     assert q.bits == d.bits == 8 and len(q) == 6 and len(d) == 18
     assert q.model["fingerprint"] == R.run_fingerprint(tmp_path)
@@ -169,3 +169,57 @@ def test_lr_factor() -> None:
     assert [lr_factor("none", e, 4) for e in range(4)] == [1.0] * 4
     assert [round(lr_factor("step", e, 4), 6) for e in range(4)] == [1.0, 1.0, 0.1, 0.01]
     assert lr_factor("cosine", 0, 4) == 1.0 and lr_factor("cosine", 2, 4) == pytest.approx(0.5)
+
+
+def test_frozen_hash_backbone_trains_only_the_hash_layer(data, tmp_path: Path, monkeypatch) -> None:
+    # "auto" freezes on pretrained weights; a state-dict path counts as pretrained, "none" does not.
+    assert _opts(weights="none").resolved().hash_backbone == "tune"
+    assert _opts(weights="w.pt").resolved().hash_backbone == "frozen"
+    trainer = Trainer(_opts(hash_backbone="frozen"), tmp_path, data=data, echo=lambda line: None,
+                      progress=io.StringIO())  # fmt: skip
+    model = trainer.model
+    attention_phase, hashing_phase = trainer.phases
+    hsh = _snapshot(model.hashing)
+    trainer.train_pass(hashing_phase)
+    # weights and BatchNorm running statistics of the backbone stay; the hash layer learns
+    assert _changed(hsh, model.hashing) == {"hash_layer.weight", "hash_layer.bias"}
+    assert not model.hashing.backbone.training and model.hashing.training
+    att = _snapshot(model.attention)
+    trainer.train_pass(attention_phase)
+    assert _changed(att, model.attention), "the attention network still learns through the frozen backbone"
+    assert not any(p.requires_grad for p in model.hashing.backbone.parameters())
+
+
+def test_matched_initialisation_across_methods() -> None:
+    from dsah_rt.train.models import build_model
+
+    states = []
+    for method in ("dsah", "dpsh"):
+        torch.manual_seed(7)
+        states.append(build_model(method, "small", 12, weights=None).hashing.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_warmup_trains_the_hashing_network_alone_first(data, tmp_path: Path) -> None:
+    trainer = Trainer(_opts(warmup_epochs=1, epochs=2), tmp_path, data=data, echo=lambda line: None,
+                      progress=io.StringIO())  # fmt: skip
+    att = _snapshot(trainer.model.attention)
+    trainer._epoch()
+    assert not _changed(att, trainer.model.attention)
+    assert set(trainer.metrics[0]["loss"]) == {"warmup"}
+    assert set(trainer.metrics[0]["loss"]["warmup"]) == {"sem_ori", "reg_ori", "total"}
+    trainer._epoch()
+    assert _changed(att, trainer.model.attention) and set(trainer.metrics[1]["loss"]) == {"attention", "hashing"}
+    with pytest.raises(UserError, match="iterative mode only"):
+        _opts(method="dpsh", warmup_epochs=2).resolved()
+
+
+def test_eval_every_and_diagnostics(data, tmp_path: Path) -> None:
+    metrics = _train(data, tmp_path, epochs=3, eval_every=2)
+    assert ["map" in m for m in metrics] == [False, True, True]  # every 2nd, and always the last
+    assert read_codes(tmp_path / "query_codes.npy").model["epoch"] == 3
+    att = metrics[0]["diagnostics"]["attention"]
+    assert {"u_abs_mean", "u_abs_max", "d", "d_sal", "hinge_active", "map_mean", "map_entropy", "grad_norm"} <= set(att)
+    assert 0 <= att["hinge_active"] <= 1 and 0 < att["map_entropy"] <= 1 + 1e-6 and att["grad_norm"] > 0
+    assert set(metrics[0]["diagnostics"]["hashing"]) >= {"d", "d_sal", "grad_norm"}

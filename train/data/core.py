@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from dsah_rt.errors import DataError
-
-# Pillow decodes all of these; anything else in an image folder (notes, .DS_Store, ...) is skipped.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-)
+from dsah_rt.images import ImageSkip, Skip, decode
 
 
 @dataclass(eq=False)
@@ -74,6 +70,8 @@ class RetrievalData:
     """A dataset cut into the three sets of a retrieval protocol.
 
     `database` may be the very same Split object as `train` (the fine-grained protocols).
+    `skipped` lists the files of a folder format that are not images, relative to its folder,
+    with the reason (the rule of `dsah_rt.images`, as `encode` reports them).
     """
 
     name: str
@@ -83,19 +81,15 @@ class RetrievalData:
     num_classes: int
     multilabel: bool
     class_names: list[str] | None = None
+    skipped: list[Skip] = field(default_factory=list)
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB, turned upright as its EXIF orientation says."""
-    from PIL import Image, ImageOps
-
+    """HxWx3 uint8 RGB by `dsah_rt.images.decode`, the decoder `encode` uses; DataError if unreadable."""
     try:
-        with Image.open(path) as img:
-            # load() inside the try: a truncated file opens fine and only fails when decoded.
-            img.load()
-            return np.array(ImageOps.exif_transpose(img).convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({_cause(e)})") from e
+        return decode(path)
+    except ImageSkip as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
 
 
 def require_files(paths: Sequence[Path], listed_in: Path) -> None:

@@ -3,6 +3,10 @@
 `root/train/`, `root/query/` (or `root/test/`) and optionally `root/database/` (default: the
 train set, the fine-grained protocol) give the splits directly; a plain class tree is split by
 seeded per-class sampling.
+
+Which files are images is `encode`'s rule (`dsah_rt.images.find_images`: by content, every
+subfolder of a class folder searched), so a folder trained on and the same folder encoded hold
+the same images; the others are listed, with the reason, in `RetrievalData.skipped`.
 """
 
 from __future__ import annotations
@@ -13,20 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from dsah_rt.errors import DataError
+from dsah_rt.images import Skip, find_images, skip_reason
 
-from .core import IMAGE_EXTENSIONS, RetrievalData, Split
+from .core import RetrievalData, Split
 from .protocol import Sampled, apply_protocol
 from .registry import register_dataset
 
 _QUERY_FOLDERS = ("query", "test")
-
-
-def _is_image(entry: os.DirEntry | Path) -> bool:
-    return (
-        not entry.name.startswith(".")
-        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-        and entry.is_file()
-    )
 
 
 def _has_split_folders(root: Path) -> bool:
@@ -41,19 +38,21 @@ def _detect(root: Path) -> bool:
         for d in entries:
             if d.is_dir() and not d.name.startswith("."):
                 with os.scandir(d.path) as files:
-                    if any(_is_image(f) for f in files):
+                    if any(f.is_file() and skip_reason(f.path) is None for f in files):
                         return True
     return False
 
 
-def _class_images(folder: Path) -> dict[str, list[Path]]:
-    """Sorted image paths (searched recursively) under each class subfolder that holds any."""
-    out = {}
+def _class_images(folder: Path, where: str = "") -> tuple[dict[str, list[Path]], list[Skip]]:
+    """Image paths (byte order, recursive) under each class subfolder that holds any, and the
+    files skipped there, named relative to the dataset root (`where` is `folder`'s part of it)."""
+    out, skipped = {}, []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in d.rglob("*") if _is_image(p))
-        if images:
-            out[d.name] = images
-    return out
+        found = find_images(d)
+        skipped += [Skip(f"{where}{d.name}/{s.path}", s.reason) for s in found.skipped]
+        if found.files:
+            out[d.name] = [d / rel for rel in found.files]
+    return out, skipped
 
 
 def _tree_split(tree: dict[str, list[Path]], class_index: dict[str, int]) -> Split:
@@ -85,9 +84,9 @@ def load_imagefolder(
         if given:
             raise DataError(f"{root}: has train/ and query/ folders, so {', '.join(given)} cannot apply")
         return _load_split_folders(root)
-    tree = _class_images(root)
+    tree, skipped = _class_images(root)
     if not tree:
-        raise DataError(f"{root}: no class subfolders holding images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(f"{root}: no class subfolders holding images{_first_skips(skipped)}")
     names = list(tree)
     pool = _tree_split(tree, {name: i for i, name in enumerate(names)})
     protocol = Sampled(
@@ -96,7 +95,7 @@ def load_imagefolder(
         train_in_database=True if train_in_database is None else train_in_database,
     )
     train, query, database = apply_protocol(pool, protocol, seed, str(root), class_names=names)
-    return RetrievalData("imagefolder", train, query, database, len(names), False, names)
+    return RetrievalData("imagefolder", train, query, database, len(names), False, names, skipped)
 
 
 def _load_split_folders(root: Path) -> RetrievalData:
@@ -106,17 +105,24 @@ def _load_split_folders(root: Path) -> RetrievalData:
     folders = {"train": root / "train", "query": query_dirs[0]}
     if (root / "database").is_dir():
         folders["database"] = root / "database"
-    trees = {k: _class_images(f) for k, f in folders.items()}
-    for k, tree in trees.items():
-        if not tree:
-            raise DataError(f"{folders[k]}: no class subfolders holding images")
+    trees, skipped = {}, []
+    for k, f in folders.items():
+        trees[k], skips = _class_images(f, f"{f.name}/")
+        skipped += skips
+        if not trees[k]:
+            raise DataError(f"{f}: no class subfolders holding images{_first_skips(skips)}")
     names = sorted(set().union(*trees.values()))
     index = {name: i for i, name in enumerate(names)}
     splits = {k: _tree_split(tree, index) for k, tree in trees.items()}
     return RetrievalData(
         "imagefolder", splits["train"], splits["query"], splits.get("database", splits["train"]),
-        len(names), False, names,
+        len(names), False, names, skipped,
     )
+
+
+def _first_skips(skipped: list[Skip], n: int = 3) -> str:
+    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:n])
+    return f" (skipped {shown}{'; ...' if len(skipped) > n else ''})" if skipped else ""
 
 
 def save_as_imagefolder(data: RetrievalData, root: Path | str, *, ext: str = ".png") -> Path:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from dsah_rt.images import resize
 
 from .core import Split
 
@@ -17,9 +18,11 @@ MIN_CROP = 0.85
 class TorchSplit(Dataset):
     """Items `(image, label, index)`, or `(image, label, index, box)` with `with_boxes`.
 
-    `image` is a float 3 x size x size tensor in [0, 1]: the whole image resized bilinearly
-    (aspect ratio not kept, nothing cropped). `label` is an int64 class id, or a float32
-    multi-hot vector. `box` is the split's (x0, y0, x1, y1) part box in the output's pixels.
+    `image` is a float 3 x size x size tensor in [0, 1]: `dsah_rt.images.resize` of the whole
+    image, then / 255, so training sees exactly the uint8 pixels an exported model is given by
+    `encode` (torch's antialiased float resize would differ from them by up to one level per
+    pixel: rounding, and Pillow's fixed-point filter weights). `label` is an int64 class id, or a
+    float32 multi-hot vector. `box` is the split's (x0, y0, x1, y1) part box in the output's pixels.
     `augment` takes a random crop of at least MIN_CROP of each side (inside it, the whole box
     where one is known) and, if `flip`, flips half the images left-right (label-safe for
     synthetic-fg, whose glyphs are symmetric; turn it off for digits and other writing).
@@ -37,8 +40,8 @@ class TorchSplit(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        image = torch.from_numpy(np.ascontiguousarray(self.split.image(i))).permute(2, 0, 1)
-        height, width = image.shape[1:]
+        image = self.split.image(i)
+        height, width = image.shape[:2]
         box = None if self.split.boxes is None else torch.as_tensor(self.split.boxes[i], dtype=torch.float32)
         x0, y0, cw, ch = 0, 0, width, height
         if self.augment:
@@ -47,11 +50,8 @@ class TorchSplit(Dataset):
             cw, ch = max(1, round(width * side)), max(1, round(height * side))
             x0 = _offset(width, cw, None if box is None else (box[0].item(), box[2].item()))
             y0 = _offset(height, ch, None if box is None else (box[1].item(), box[3].item()))
-            image = image[:, y0 : y0 + ch, x0 : x0 + cw]
-        out = F.interpolate(
-            image[None].float().div_(255), size=(self.size, self.size), mode="bilinear",
-            align_corners=False, antialias=True,
-        )[0].clamp_(0, 1)
+            image = image[y0 : y0 + ch, x0 : x0 + cw]
+        out = torch.from_numpy(resize(image, self.size)).permute(2, 0, 1).float().div_(255).contiguous()
         flip = self.augment and self.flip and torch.rand(()).item() < 0.5
         if flip:
             out = out.flip(-1)
