@@ -46,7 +46,7 @@ BITS = 48
 def make_run(run_dir: Path, backbone: str) -> Path:
     import torch
 
-    from dsah_rt.train.models import build_model
+    from dsah_rt.train.methods import build_model
     from dsah_rt.train.run import capture_rng_states, resolved_config, save_checkpoint
 
     weights, size = MODELS[backbone]

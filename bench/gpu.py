@@ -86,7 +86,7 @@ def flops_per_image(encoder: Any, size: int, device: str) -> int:
 def build(backbone: str, size: int) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from dsah_rt.train.models import build_model
+    from dsah_rt.train.methods import build_model
     from dsah_rt.train.run import resolved_config
 
     torch.manual_seed(0)

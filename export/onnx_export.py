@@ -34,8 +34,15 @@ _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 def _network_scopes(model: torch.nn.Module) -> tuple[str, ...]:
-    """Module paths (inside FusedEncoder) of the convolutional networks, which may run in fp16/bf16."""
-    return tuple(f"model.{name}" for name in ("attention", "hashing") if hasattr(model, name))
+    """Module paths (inside FusedEncoder) of the networks that may run in fp16/bf16: those the
+    model's training method names, each required to exist (a misnamed one would pin it to fp32)."""
+    from dsah_rt.train.methods import get_method
+
+    names = get_method(model.config()["method"]).precision_scopes
+    missing = [name for name in names if not isinstance(getattr(model, name, None), torch.nn.Module)]
+    if missing:
+        raise UserError(f"the {model.config()['method']} model has no submodule {missing[0]!r} to run in reduced precision")
+    return tuple(f"model.{name}" for name in names)
 
 
 def mark_fp32_nodes(proto: onnx.ModelProto, network_scopes: tuple[str, ...]) -> int:

@@ -18,7 +18,7 @@ def make_run(run_dir: Path, bits: int = BITS, size: int = INPUT_SIZE, seed: int 
     """A RUN_DIR written by the trainer's own save_checkpoint."""
     import torch
 
-    from dsah_rt.train.models import build_model
+    from dsah_rt.train.methods import build_model
     from dsah_rt.train.run import capture_rng_states, resolved_config, save_checkpoint
 
     torch.manual_seed(seed)

@@ -14,6 +14,15 @@ from dsah_rt.errors import UserError
 SHOWN_SKIPS = 20  # as many as `encode` prints; the Python API has them all in RetrievalData.skipped
 
 
+def method_names() -> list[str]:
+    """The registered methods, one file each in train/methods/, named without importing them (and torch)."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("dsah_rt.train.methods")
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(spec.submodule_search_locations))
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     """`key=value` with the value read as JSON where it parses (numbers, true/false, null), else a string."""
     key, eq, value = text.partition("=")
@@ -34,7 +43,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
               help="Seed of the dataset's sampling or generation.")
 @click.option("--bits", type=int, multiple=True, default=(12,), show_default=True,
               help="Code length; repeat for one sub-run per length (OUT/bits-K).")
-@click.option("--method", type=click.Choice(["dsah", "dpsh"]), default="dsah", show_default=True)
+@click.option("--method", type=click.Choice(method_names()), default="dsah", show_default=True,
+              help="dsah (the paper), dpsh (the baseline), saliency-dpsh (DSaH's attention around DPSH's loss).")
 @click.option("--backbone", default="small", show_default=True, help="vgg16, efficientnet_lite0 or small.")
 @click.option("--weights", default=None,
               help="imagenet, none or a state-dict path [default: imagenet, none for the small backbone].")
@@ -64,13 +74,16 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @click.option("--margin", type=float, default=None, help="Saliency margin m [default: bits/4].")
 @click.option("--margin-units", type=click.Choice(["bits", "unit"]), default="bits", show_default=True,
               help="Distances of Eq. 9 in bits (k|...|) or as written, in [0, 1].")
-@click.option("--semantic-norm", type=click.Choice(["abs", "square", "likelihood"]), default="square",
-              show_default=True,
+@click.option("--semantic-norm", type=click.Choice(["abs", "square", "likelihood"]), default=None,
               help="J_sem's pair error squared (the squared l2 loss), |S - (u.u+k)/2k| as Eq. 6 writes it, "
-                   "or DPSH's pair likelihood in its place.")
+                   "or DPSH's pair likelihood in its place [default: the method's: dsah square, saliency-dpsh "
+                   "likelihood].")
+@click.option("--saliency-area", "area", type=float, default=0.0, show_default=True,
+              help="Weight of the saliency map's mean area in Eq. 14, so the map pays for what it keeps "
+                   "(a departure; 0 is the paper).")
 @click.option("--ablation", "ablations", multiple=True,
-              type=click.Choice(["hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization"]),
-              help="Table 4 switches (repeatable).")
+              type=click.Choice(["hash-sal", "hash-no-ori", "attention-no-sem", "attention-no-sal", "no-quantization"]),
+              help="Table 4 switches (repeatable); hash-no-ori trains the hashing network on saliency images only.")
 @click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="none", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

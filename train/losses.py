@@ -181,21 +181,24 @@ def hashing_objective(
     semantic_sal: bool = True,
     saliency: bool = False,
     quantization: bool = True,
+    original: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 13, the hashing network's step: lam (J_sem_ori + J_sem_sal) + J_reg_ori + J_reg_sal.
 
     Switches for the ablations: `saliency=True` adds alpha * J_sal (Table 4's "J_sem + J_sal"
     rows for the hashing network), `semantic_sal=False` drops J_sem_sal, `quantization=False`
-    drops both J_reg terms. `norm` is that of the J_sem terms (see the module docstring). The returned
+    drops both J_reg terms, `original=False` drops the original image's terms (J_sem_ori, J_reg_ori):
+    the hashing network then learns only what it encodes at deployment, Hash(y) (Eq. 17). `norm` is that of the J_sem terms (see the module docstring). The returned
     dict holds the unweighted terms that entered the total.
     """
-    terms = {"sem_ori": (lam, semantic_loss(u, S, bits, norm))}
+    terms = {"sem_ori": (lam, semantic_loss(u, S, bits, norm))} if original else {}
     if semantic_sal:
         terms["sem_sal"] = (lam, semantic_loss(u_sal, S, bits, norm))
     if saliency:
         terms["sal"] = (alpha, saliency_loss(u, u_sal, S, bits, margin, units))
     if quantization:
-        terms["reg_ori"] = (1.0, quantization_loss(u))
+        if original:
+            terms["reg_ori"] = (1.0, quantization_loss(u))
         terms["reg_sal"] = (1.0, quantization_loss(u_sal))
     return weighted_total(terms)
 
@@ -214,13 +217,16 @@ def attention_objective(
     semantic: bool = True,
     saliency: bool = True,
     quantization: bool = True,
+    salmap: torch.Tensor | None = None,
+    area: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 14, the attention network's step: alpha J_sal + lam J_sem_sal + J_reg_sal.
 
     Only terms that depend on the saliency image appear: u comes from the original image and
     does not depend on the attention network. Switches for Table 4's attention rows:
     `semantic=False` (J_sal only), `saliency=False` (J_sem only); `quantization=False` drops
-    J_reg_sal.
+    J_reg_sal. `area > 0` (a departure; 0 is the paper) adds area * sum_i mean(Salmap_i): the map
+    pays for every pixel it keeps, so it keeps the ones the codes need.
     """
     terms: dict[str, tuple[float, torch.Tensor]] = {}
     if saliency:
@@ -229,6 +235,8 @@ def attention_objective(
         terms["sem_sal"] = (lam, semantic_loss(u_sal, S, bits, norm))
     if quantization:
         terms["reg_sal"] = (1.0, quantization_loss(u_sal))
+    if area:
+        terms["area"] = (area, salmap.flatten(1).mean(dim=1).sum())
     if not terms:
         raise ValueError("attention_objective needs at least one term switched on")
     return weighted_total(terms)

@@ -15,7 +15,6 @@ is never used because sign(0) = 0 is not a code.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -190,10 +189,11 @@ def _config(method: str, backbone: Backbone, bits: int, **extra: Any) -> dict[st
 class DSaH(nn.Module):
     """The attention/hashing pair. Each network has its own backbone, as in the paper."""
 
-    def __init__(self, attention: AttentionNet, hashing: HashNet) -> None:
+    def __init__(self, attention: AttentionNet, hashing: HashNet, method: str = "dsah") -> None:
         super().__init__()
         self.attention = attention
         self.hashing = hashing
+        self.method = method  # the registered training method, as config.json and the export record it
 
     def saliency(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Salmap, y): the Eq. 3 map in [0, 1] (N, 1, H, W) and the Eq. 4 saliency image."""
@@ -211,7 +211,7 @@ class DSaH(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return _config(
-            "dsah",
+            self.method,
             self.hashing.backbone,
             self.hashing.bits,
             fc_channels=self.attention.fc_channels,
@@ -221,9 +221,10 @@ class DSaH(nn.Module):
 class DPSH(nn.Module):
     """DPSH baseline (the paper's DPSH++): a HashNet alone. `hashing.*` keys match DSaH's."""
 
-    def __init__(self, hashing: HashNet) -> None:
+    def __init__(self, hashing: HashNet, method: str = "dpsh") -> None:
         super().__init__()
         self.hashing = hashing
+        self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hashing(x)
@@ -232,10 +233,12 @@ class DPSH(nn.Module):
         return self.hashing(x)
 
     def config(self) -> dict[str, Any]:
-        return _config("dpsh", self.hashing.backbone, self.hashing.bits)
+        return _config(self.method, self.hashing.backbone, self.hashing.bits)
 
 
-def build_dsah(backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None) -> DSaH:
+def build_dsah(
+    backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None, method: str = "dsah"
+) -> DSaH:
     """DSaH on `backbone`: two independent backbone instances, both loaded with `weights`.
 
     The hashing network is built first, so that for one seed it starts from the same weights as
@@ -243,29 +246,8 @@ def build_dsah(backbone: str, bits: int, weights: Weights = "imagenet", fc_chann
     """
     hashing = HashNet(build_backbone(backbone, weights), bits)
     attention = AttentionNet(build_backbone(backbone, weights), fc_channels=fc_channels)
-    return DSaH(attention, hashing)
+    return DSaH(attention, hashing, method)
 
 
-def build_dpsh(backbone: str, bits: int, weights: Weights = "imagenet") -> DPSH:
-    return DPSH(HashNet(build_backbone(backbone, weights), bits))
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"dsah": build_dsah, "dpsh": build_dpsh}
-
-
-def build_model(method: str, backbone: str, bits: int, weights: Weights = "imagenet", **opts: Any) -> nn.Module:
-    """Build a model by method name ("dsah" or "dpsh"); `opts` go to that method's builder."""
-    if method not in MODELS:
-        raise UserError(f"unknown method {method!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[method](backbone, bits, weights, **opts)
-
-
-def model_from_config(config: dict[str, Any]) -> nn.Module:
-    """Rebuild the architecture a `config()` describes, randomly initialised, ready for a state dict.
-
-    Random init is right here: the checkpoint's state dict overwrites every parameter, and the
-    original pretrained file may not exist where the checkpoint is loaded.
-    """
-    opts = {"fc_channels": config["fc_channels"]} if config["method"] == "dsah" else {}
-    return build_model(config["method"], config["backbone"], config["bits"], weights=None, **opts)
-
+def build_dpsh(backbone: str, bits: int, weights: Weights = "imagenet", method: str = "dpsh") -> DPSH:
+    return DPSH(HashNet(build_backbone(backbone, weights), bits), method)

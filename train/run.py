@@ -36,7 +36,7 @@ from torch import nn
 from dsah_rt import __version__
 from dsah_rt.atomic import atomic_write, write_json
 from dsah_rt.errors import UserError
-from dsah_rt.train.models import model_from_config
+from dsah_rt.train.methods import model_from_config
 
 FORMAT = "dsah-rt-run/1"
 CHECKPOINT = "checkpoint.pt"

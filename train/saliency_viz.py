@@ -21,6 +21,7 @@ from dsah_rt.atomic import atomic_write
 from dsah_rt.encode import display_path
 from dsah_rt.errors import DataError, UserError
 from dsah_rt.images import ImageSkip, decode, resize, scan
+from dsah_rt.train.methods import get_method
 from dsah_rt.train.models import DSaH
 from dsah_rt.train.run import load_run
 from dsah_rt.train.trainer import resolve_device
@@ -84,7 +85,7 @@ def render_saliency(
     """
     dev = resolve_device(device)
     model, config = load_run(run_dir, device=dev, bits=bits)
-    if not isinstance(model, DSaH):
+    if not get_method(config["method"]).has_attention:
         raise UserError(f"{run_dir}: a {config['method']} run has no attention network; saliency needs a DSaH run")
     if images.is_file():
         root, files, skipped = images.parent, [images.name], []

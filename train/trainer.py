@@ -1,27 +1,20 @@
-"""Training: Algorithm 1 (iterative), Eq. 18 (simultaneous), the DPSH baseline; checkpoints and resume.
+"""Training: the loop over a method's phases (train/methods/), evaluation, checkpoints and resume.
 
-One epoch of the default, iterative mode (Algorithm 1, attention first as in sec. 4.3):
-
-  1. B = codes of the training set (Eq. 17). Eq. 12 makes b = sign(u) of the current batch in the
-     losses, so B itself is logged as convergence: `train_bits_flipped`, the share of B's bits
-     that changed since the previous epoch (the paper's Fig. 6 in one number).
-  2. a pass over the training set updating the attention network with Eq. 14; the hashing
-     network is frozen (no gradients, eval mode so its BatchNorm statistics and dropout are
-     fixed too). Gradients still flow *through* it to the saliency image.
-  3. a pass updating the hashing network with Eq. 13; the attention network is frozen the same
-     way and its saliency images are computed without a graph.
-
-`mode="simultaneous"` trains both networks in one pass on Eq. 18 (Table 3); `method="dpsh"` trains
-the hashing network alone on the DPSH loss, with the same backbone, batch, epochs and optimiser.
+An epoch runs the phases the method names (DSaH's Algorithm 1: attention, then hashing; its
+warm-up; Eq. 18's joint pass; DPSH's one pass), each a pass over the training set with its own
+optimiser, then evaluates every `eval_every` epochs: codes of the query and database splits
+through the deployed function (`Method.encode`, Eq. 17 for DSaH), MAP, localisation where boxes
+exist, and `train_bits_flipped`, the share of B's bits (the training set's codes) that changed
+since the previous evaluation (the paper's Fig. 6 in one number).
 
 Loss scale: the objectives are sums over the N(N-1)/2 pairs of a batch, as the paper writes them,
 and the weights lambda/alpha are calibrated against those sums. The trainer divides each total by
 the batch size N before the backward pass: every ratio between terms stays the paper's and only
-the step is rescaled, so learning rates are per image. Defaults: SGD 0.01, the paper's optimiser,
-stable but slow from a random init (DPSH on digits did not move in 8 epochs; 0.02 and up gave
-NaN: u is unbounded and the pairwise losses grow with it); Adam 1e-3, chosen for DSaH (with the
-squared J_sem below) and for DPSH on a validation split (bench/results/train-evidence.md; DSaH
-with the absolute J_sem preferred 3e-4 there). Full batches only
+the step is rescaled, so learning rates are per image. Default: Adam 1e-3 with a cosine schedule,
+chosen for DSaH (with the squared J_sem below) and for DPSH on a validation split
+(bench/results/train-evidence.md). SGD 0.01, the paper's optimiser, diverged on digits in the
+first epoch (max|u| 0.6 -> 5.4 -> 22 -> 1e8 over four batches: u is unbounded and the pairwise
+sums with lambda = 30 give a first gradient ~10x DPSH's). Full batches only
 (`drop_last`): a short last batch has fewer pairs per image, so a differently weighted loss.
 
 Saliency margin units: `margin_units="bits"` by default (see `saliency_loss`): d = k |S - (u.u+k)/2k|,
@@ -68,17 +61,17 @@ from dsah_rt.train import losses as L
 from dsah_rt.train import run as R
 from dsah_rt.train.data import RetrievalData, load_dataset
 from dsah_rt.train.data.torch_dataset import TorchSplit
-from dsah_rt.train.models import DSaH, build_model, model_from_config
+from dsah_rt.train.methods import METHODS, Method, Phase, build_model, frozen, get_method, model_from_config
 
-METHODS = ("dsah", "dpsh")
 MODES = ("iterative", "simultaneous")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "cosine", "step")
 AUGMENTS = ("none", "crop", "crop+flip")
 HASH_BACKBONES = ("auto", "tune", "frozen")
 # Switches relative to the paper's best setting (Table 4's last row): hashing on J_sem, attention
-# on J_sem + J_sal. "no-quantization" drops every J_reg term.
-ABLATIONS = ("hash-sal", "attention-no-sem", "attention-no-sal", "no-quantization")
+# on J_sem + J_sal. "no-quantization" drops every J_reg term; "hash-no-ori" trains the hashing
+# network on the saliency images only (a departure: what it encodes at deployment is Hash(y)).
+ABLATIONS = ("hash-sal", "hash-no-ori", "attention-no-sem", "attention-no-sal", "no-quantization")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 EVAL_BATCH = 128
 
@@ -110,12 +103,13 @@ class TrainOptions:
     alpha: float | None = None  # None: 40 (iterative) or 0.01 (simultaneous)
     margin: float | None = None  # None: k/4
     margin_units: L.Units = "bits"
-    semantic_norm: L.Norm = "square"
+    semantic_norm: L.Norm | None = None  # None: the method's own (dsah: "square", saliency-dpsh: "likelihood")
     eta: float = L.DPSH_ETA
     ablations: tuple[str, ...] = ()
     # DSaH: epochs that train the hashing network alone on the original images (lambda J_sem_ori +
     # J_reg_ori) before Algorithm 1 starts; 0 is the paper (its VGG-16 arrives trained on ImageNet).
     warmup_epochs: int = 0
+    area: float = 0.0  # DSaH: weight of the saliency map's mean area in Eq. 14 (0: the paper)
     augment: str = "none"
     seed: int = 0
     device: str = "auto"
@@ -124,20 +118,14 @@ class TrainOptions:
 
     def resolved(self) -> TrainOptions:
         """A copy with every None default filled in, validated."""
-        checks = (("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                  ("augment", AUGMENTS), ("hash_backbone", HASH_BACKBONES), ("margin_units", ("bits", "unit")), ("semantic_norm", L.NORMS))  # fmt: skip
+        checks = (("method", tuple(METHODS)), ("mode", MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                  ("augment", AUGMENTS), ("hash_backbone", HASH_BACKBONES), ("margin_units", ("bits", "unit")), ("semantic_norm", (None, *L.NORMS)))  # fmt: skip
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         unknown = sorted(set(self.ablations) - set(ABLATIONS))
         if unknown:
             raise UserError(f"unknown ablation {unknown[0]!r}; known: {', '.join(ABLATIONS)}")
-        if self.method == "dpsh" and (self.ablations or self.mode != "iterative"):
-            raise UserError("DPSH has one network and one loss: --mode and --ablation apply to DSaH only")
-        if self.mode == "simultaneous" and {"hash-sal", "attention-no-sem"} & set(self.ablations):
-            raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
-        if {"attention-no-sem", "attention-no-sal"} <= set(self.ablations):
-            raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
         for name in ("epochs", "batch_size", "bits", "eval_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -149,13 +137,14 @@ class TrainOptions:
             raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_epochs < 0:
             raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.warmup_epochs and (self.method != "dsah" or self.mode != "iterative"):
-            raise UserError("--warmup-epochs applies to DSaH's iterative mode only")
+        if not (math.isfinite(self.area) and self.area >= 0):
+            raise UserError(f"area must be >= 0, got {self.area}")
         if self.batch_size < 2:
             raise UserError("batch_size must be at least 2: the losses are over pairs within a batch")
         simultaneous = self.mode == "simultaneous"
         weights = self.weights or default_weights(self.backbone)
-        return TrainOptions(**{
+        method = get_method(self.method)
+        resolved = TrainOptions(**{
             **asdict(self),
             "weights": weights,
             "hash_backbone": (("tune" if weights == "none" else "frozen") if self.hash_backbone == "auto"
@@ -165,7 +154,10 @@ class TrainOptions:
             "alpha": (L.SIMULTANEOUS_ALPHA if simultaneous else L.ALPHA) if self.alpha is None else self.alpha,
             "margin": self.bits / 4 if self.margin is None else self.margin,
             "ablations": tuple(sorted(set(self.ablations))),
+            "semantic_norm": self.semantic_norm or method.default_semantic_norm,
         })  # fmt: skip
+        method.check(resolved)
+        return resolved
 
 
 def default_weights(backbone: str) -> str:
@@ -185,90 +177,6 @@ def resolve_device(device: str) -> torch.device:
 
 # ------------------------------------------------------------------------------------ phases
 
-# (model, images, S) -> (loss, its unweighted terms and "total", diagnostics: |u|, d/d', hinge, map)
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float], dict[str, float]]]
-
-
-@dataclass
-class Phase:
-    """One pass over the training set: `trains` is updated by `optimizer` on `objective`, `frozen` is not."""
-
-    name: str
-    trains: nn.Module
-    frozen: nn.Module | None
-    optimizer: torch.optim.Optimizer
-    objective: Objective
-
-
-@contextmanager
-def frozen(module: nn.Module | None) -> Iterator[None]:
-    """No gradients for `module`'s parameters and eval mode (fixed BatchNorm statistics, no dropout)."""
-    if module is None:
-        yield
-        return
-    flags = [p.requires_grad for p in module.parameters()]
-    was_training = module.training
-    module.requires_grad_(False).eval()
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
-        module.train(was_training)
-
-
-def _objectives(opts: TrainOptions, bits: int) -> dict[str, Objective]:
-    """The loss of each phase, as a function of (model, images, S)."""
-    ablations = set(opts.ablations)
-    common = {"margin": opts.margin, "units": opts.margin_units, "norm": opts.semantic_norm}
-    quantization = "no-quantization" not in ablations
-
-    def logged(objective, u, u_sal, S, salmap=None):
-        diagnostics = L.diagnostics(u, u_sal, S, bits, opts.margin, opts.margin_units)
-        if salmap is not None:
-            diagnostics.update(L.map_statistics(salmap))
-        return (*objective, diagnostics)
-
-    def attention(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():  # u does not depend on the attention network
-            u = model.hashing(x)
-        salmap, y = model.saliency(x)
-        u_sal = model.hashing(y)
-        return logged(L.attention_objective(
-            u, u_sal, S, bits, alpha=opts.alpha, lam=opts.lam, semantic="attention-no-sem" not in ablations,
-            saliency="attention-no-sal" not in ablations, quantization=quantization, **common,
-        ), u, u_sal, S, salmap)  # fmt: skip
-
-    def hashing(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            salmap, y = model.saliency(x)
-        u, u_sal = model.hashing(x), model.hashing(y)
-        return logged(L.hashing_objective(
-            u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha,
-            saliency="hash-sal" in ablations, quantization=quantization, **common,
-        ), u, u_sal, S, salmap)  # fmt: skip
-
-    def warmup(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        u = model.hashing(x)
-        terms = {"sem_ori": (opts.lam, L.semantic_loss(u, S, bits, opts.semantic_norm))}
-        if quantization:
-            terms["reg_ori"] = (1.0, L.quantization_loss(u))
-        return logged(L.weighted_total(terms), u, None, S)
-
-    def joint(model: DSaH, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        u, u_sal, salmap = model(x)
-        return logged(L.simultaneous_objective(
-            u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="attention-no-sal" not in ablations,
-            quantization=quantization, **common,
-        ), u, u_sal, S, salmap)  # fmt: skip
-
-    def dpsh(model: nn.Module, x: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        u = model(x)
-        loss = L.dpsh_loss(u, S, opts.eta)
-        return logged((loss, {"dpsh": float(loss.detach()), "total": float(loss.detach())}), u, None, S)
-
-    return {"attention": attention, "hashing": hashing, "warmup": warmup, "joint": joint, "dpsh": dpsh}
-
 
 def _optimizer(opts: TrainOptions, module: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
@@ -278,24 +186,8 @@ def _optimizer(opts: TrainOptions, module: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_phases(model: nn.Module, opts: TrainOptions) -> list[Phase]:
-    """The passes of one epoch, in order, each with its own optimiser."""
-    objectives = _objectives(opts, model.hashing.bits)
-    if opts.method == "dpsh":
-        return [Phase("hashing", model, None, _optimizer(opts, model), objectives["dpsh"])]
-    if opts.mode == "simultaneous":
-        return [Phase("joint", model, None, _optimizer(opts, model), objectives["joint"])]
-    return [
-        Phase("attention", model.attention, model.hashing, _optimizer(opts, model.attention), objectives["attention"]),
-        Phase("hashing", model.hashing, model.attention, _optimizer(opts, model.hashing), objectives["hashing"]),
-    ]  # fmt: skip
-
-
-def warmup_phase(model: nn.Module, phases: list[Phase], opts: TrainOptions) -> Phase | None:
-    """The hashing-only pass of a warm-up epoch; it steps the hashing phase's own optimiser."""
-    if not opts.warmup_epochs:
-        return None
-    hashing = next(p for p in phases if p.name == "hashing")
-    return Phase("warmup", model.hashing, model.attention, hashing.optimizer, _objectives(opts, model.hashing.bits)["warmup"])
+    """The passes of one epoch of `opts.method`, in order, each with its own optimiser."""
+    return get_method(opts.method).phases(model, opts, lambda module: _optimizer(opts, module))
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -361,22 +253,19 @@ def localisation(salmap: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_split(
-    model: nn.Module, loader: DataLoader, device: torch.device
+    model: nn.Module, method: Method, loader: DataLoader, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(packed codes, per-image localisation or None) of a split; `model` must be in eval mode.
 
-    For DSaH the saliency map is computed once and used for both: the code is Hash(y), Eq. 17.
+    `method.encode` gives the deployed code's u and, for a method with attention, the map it was
+    computed through (once, for both: Eq. 17), scored against the split's boxes where it has them.
     """
     codes, scores = [], []
     for batch in loader:
         x = batch[0].to(device)
-        if isinstance(model, DSaH):
-            salmap, y = model.saliency(x)
-            u = model.hashing(y)
-            if len(batch) == 4:
-                scores.append(localisation(salmap, batch[3].to(device)).cpu())
-        else:
-            u = model.encode(x)
+        u, salmap = method.encode(model, x)
+        if salmap is not None and len(batch) == 4:
+            scores.append(localisation(salmap, batch[3].to(device)).cpu())
         codes.append(pack(binarize(u.cpu().numpy())))
     return np.concatenate(codes), (torch.cat(scores).numpy() if scores else None)
 
@@ -466,8 +355,9 @@ class Trainer:
         self.model.to(self.device)
         self.input_size = self.opts.input_size or self.model.hashing.backbone.input_size
         self.config = R.resolved_config(self.model, self.input_size, _jsonable(asdict(self.opts)), self.weights_source)
+        self.method = get_method(self.opts.method)
         self.phases = build_phases(self.model, self.opts)
-        self.warmup = warmup_phase(self.model, self.phases, self.opts)
+        self.warmup = self.method.warmup_phase(self.model, self.opts, self.phases)
 
         crop = self.opts.augment != "none"
         train_set = TorchSplit(self.data.train, self.input_size, augment=crop, flip=self.opts.augment == "crop+flip")
@@ -478,7 +368,7 @@ class Trainer:
             train_set, batch_size=min(self.opts.batch_size, len(train_set)), shuffle=True, drop_last=True,
             generator=self.generator, num_workers=self.opts.num_workers,
         )  # fmt: skip
-        with_boxes = isinstance(self.model, DSaH) and self.data.query.boxes is not None
+        with_boxes = self.method.has_attention and self.data.query.boxes is not None
         self.query_loader = _eval_loader(self.data.query, self.input_size, with_boxes)
         self.train_eval_loader = _eval_loader(self.data.train, self.input_size, False)
         self.db_eval_loader = (
@@ -568,9 +458,10 @@ class Trainer:
         since the previous evaluation: the paper's Fig. 6 convergence in one number.
         """
         self.model.eval()
-        query, loc = encode_split(self.model, self.query_loader, self.device)
-        db, _ = encode_split(self.model, self.db_eval_loader, self.device)
-        b = db if self.data.database is self.data.train else encode_split(self.model, self.train_eval_loader, self.device)[0]
+        query, loc = encode_split(self.model, self.method, self.query_loader, self.device)
+        db, _ = encode_split(self.model, self.method, self.db_eval_loader, self.device)
+        b = (db if self.data.database is self.data.train
+             else encode_split(self.model, self.method, self.train_eval_loader, self.device)[0])  # fmt: skip
         flipped = None if self.train_codes is None else float(
             np.unpackbits(b ^ self.train_codes, axis=1, count=self.opts.bits).mean()
         )  # fmt: skip

@@ -140,7 +140,7 @@ def test_cli_export_and_verify(model, tmp_path):
 def test_the_graph_normalises_with_what_the_config_says():
     from dsah_rt.errors import UserError
     from dsah_rt.export.fused import FusedEncoder
-    from dsah_rt.train.models import build_model
+    from dsah_rt.train.methods import build_model
 
     net = build_model("dsah", "small", BITS, weights="none")
     FusedEncoder(net, net.config())

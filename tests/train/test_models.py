@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from dsah_rt.errors import UserError
+from dsah_rt.train import methods
 from dsah_rt.train import models as M
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -186,29 +187,29 @@ def test_vgg16_fc_layers_become_the_fcn_convolutions() -> None:
 
 
 def test_dpsh_and_registry() -> None:
-    model = M.build_model("dpsh", "small", 24, weights="none")
+    model = methods.build_model("dpsh", "small", 24, weights="none")
     assert isinstance(model, M.DPSH)
     x = torch.rand(2, 3, 64, 64)
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 24)
         torch.testing.assert_close(model.encode(x), model(x))
-    assert isinstance(M.build_model("dsah", "small", 24, weights=None, fc_channels=32), M.DSaH)
+    assert isinstance(methods.build_model("dsah", "small", 24, weights=None, fc_channels=32), M.DSaH)
     with pytest.raises(UserError, match="unknown method"):
-        M.build_model("dsh", "small", 24)
+        methods.build_model("dsh", "small", 24)
     with pytest.raises(UserError, match="bits"):
-        M.build_model("dpsh", "small", 0, weights=None)
+        methods.build_model("dpsh", "small", 0, weights=None)
 
 
 @pytest.mark.parametrize("method", ["dsah", "dpsh"])
 def test_config_rebuilds_the_model(method: str) -> None:
     torch.manual_seed(0)
-    model = M.build_model(method, "small", 12, weights=None, **({"fc_channels": 32} if method == "dsah" else {})).eval()
+    model = methods.build_model(method, "small", 12, weights=None, **({"fc_channels": 32} if method == "dsah" else {})).eval()
     config = model.config()
     assert config["method"] == method and config["backbone"] == "small" and config["bits"] == 12
     assert config["input_size"] == 64 and len(config["mean"]) == len(config["std"]) == 3
     assert config["weights_source"] == "none (random init)"
-    rebuilt = M.model_from_config(config).eval()
+    rebuilt = methods.model_from_config(config).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 
 from dsah_rt.errors import UserError
 from dsah_rt.train import run as R
-from dsah_rt.train.models import build_model
+from dsah_rt.train.methods import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

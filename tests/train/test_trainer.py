@@ -119,7 +119,7 @@ def test_simultaneous_and_ablations_build_the_right_losses(data, tmp_path: Path)
     assert set(metrics[0]["loss"]["hashing"]) == {"sem_ori", "sem_sal", "sal", "total"}
     with pytest.raises(UserError, match="unknown ablation"):
         _opts(ablations=("nope",)).resolved()
-    with pytest.raises(UserError, match="DSaH only"):
+    with pytest.raises(UserError, match="saliency methods only"):
         _opts(method="dpsh", mode="simultaneous").resolved()
 
 
@@ -140,9 +140,10 @@ def test_dpsh_outputs_and_logged_map(data, tmp_path: Path) -> None:
     assert evaluate(q.packed, d.packed, ql, dl, bits=q.bits)["map"] == entry["map"]
     # The saved model reproduces the saved codes.
     model, _ = R.load_run(tmp_path)
+    from dsah_rt.train.methods import get_method
     from dsah_rt.train.trainer import _eval_loader, encode_split
 
-    codes, _ = encode_split(model, _eval_loader(data.query, 32, False), torch.device("cpu"))
+    codes, _ = encode_split(model, get_method("dpsh"), _eval_loader(data.query, 32, False), torch.device("cpu"))
     assert np.array_equal(codes, q.packed)
 
 
@@ -191,7 +192,7 @@ def test_frozen_hash_backbone_trains_only_the_hash_layer(data, tmp_path: Path, m
 
 
 def test_matched_initialisation_across_methods() -> None:
-    from dsah_rt.train.models import build_model
+    from dsah_rt.train.methods import build_model
 
     states = []
     for method in ("dsah", "dpsh"):
@@ -212,7 +213,7 @@ def test_warmup_trains_the_hashing_network_alone_first(data, tmp_path: Path) -> 
     trainer._epoch()
     assert _changed(att, trainer.model.attention) and set(trainer.metrics[1]["loss"]) == {"attention", "hashing"}
     with pytest.raises(UserError, match="iterative mode only"):
-        _opts(method="dpsh", warmup_epochs=2).resolved()
+        _opts(mode="simultaneous", warmup_epochs=2).resolved()
 
 
 def test_eval_every_and_diagnostics(data, tmp_path: Path) -> None:

@@ -1,0 +1,38 @@
+"""DPSH (Li, Zhao, Kang, IJCAI 2016), the paper's DPSH++ baseline: the hashing network alone on
+the same backbone, trained on the pairwise likelihood with a squared quantization term."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dsah_rt.errors import UserError
+from dsah_rt.train import losses as L
+from dsah_rt.train.models import build_dpsh
+
+from . import Method, OptimizerFactory, Phase, register_method, with_diagnostics
+
+
+class DPSHMethod(Method):
+    name = "dpsh"
+    summary = "the DPSH baseline: the hashing network alone on DPSH's likelihood"
+
+    def check(self, opts) -> None:
+        if opts.ablations or opts.mode != "iterative" or opts.warmup_epochs or opts.area:
+            raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs and "
+                            "--saliency-area apply to the saliency methods only")  # fmt: skip
+
+    def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
+        return build_dpsh(backbone, bits, weights, method=self.name)
+
+    def phases(self, model: nn.Module, opts, optimizer: OptimizerFactory) -> list[Phase]:
+        def objective(model, x, S):
+            u = model(x)
+            loss = L.dpsh_loss(u, S, opts.eta)
+            return with_diagnostics((loss, {"dpsh": float(loss.detach()), "total": float(loss.detach())}), u, None, S, opts)
+
+        return [Phase("hashing", model, None, optimizer(model), objective)]
+
+
+register_method(DPSHMethod())

@@ -1,0 +1,115 @@
+"""DSaH, the paper (sec. 3): attention network + hashing network.
+
+`iterative` (Algorithm 1, the default): per epoch, a pass updating the attention network on Eq. 14
+with the hashing network frozen (no gradients, eval mode so its BatchNorm statistics and dropout
+are fixed; gradients still flow *through* it to the saliency image), then a pass updating the
+hashing network on Eq. 13 with the attention network frozen the same way. `simultaneous`: both
+networks in one pass on Eq. 18 (Table 3). `warmup_epochs` first trains the hashing network alone
+on the original images (lambda J_sem_ori + J_reg_ori). Table 4's ablations switch terms off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsah_rt.errors import UserError
+from dsah_rt.train import losses as L
+from dsah_rt.train.models import DSaH, build_dsah
+
+from . import Method, Objective, OptimizerFactory, Phase, register_method, with_diagnostics
+
+
+class DSaHMethod(Method):
+    name = "dsah"
+    summary = "the paper: attention + hashing networks, Algorithm 1 (or Eq. 18 with --mode simultaneous)"
+    has_attention = True
+    precision_scopes = ("attention", "hashing")
+
+    def check(self, opts) -> None:
+        if opts.semantic_norm not in self.semantic_norms:
+            raise UserError(f"--semantic-norm {opts.semantic_norm} does not apply to {self.name} "
+                            f"(it takes {', '.join(self.semantic_norms)})")  # fmt: skip
+        if "hash-sal" in opts.ablations and "hash-no-ori" in opts.ablations:
+            raise UserError("hash-sal needs the original image's codes that hash-no-ori drops")
+        if opts.mode == "simultaneous" and {"hash-sal", "hash-no-ori", "attention-no-sem"} & set(opts.ablations):
+            raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
+        if {"attention-no-sem", "attention-no-sal"} <= set(opts.ablations) and not opts.area:
+            raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
+        if opts.warmup_epochs and opts.mode != "iterative":
+            raise UserError("--warmup-epochs applies to the iterative mode only")
+
+    def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
+        return build_dsah(backbone, bits, weights, method=self.name, **arch)
+
+    def architecture(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {"fc_channels": config["fc_channels"]}
+
+    def objectives(self, opts, bits: int) -> dict[str, Objective]:
+        """The loss of each phase, as a function of (model, images, S)."""
+        ablations = set(opts.ablations)
+        common = {"margin": opts.margin, "units": opts.margin_units, "norm": opts.semantic_norm}
+        quantization = "no-quantization" not in ablations
+
+        def attention(model: DSaH, x: torch.Tensor, S: torch.Tensor):
+            with torch.no_grad():  # u does not depend on the attention network
+                u = model.hashing(x)
+            salmap, y = model.saliency(x)
+            u_sal = model.hashing(y)
+            return with_diagnostics(L.attention_objective(
+                u, u_sal, S, bits, alpha=opts.alpha, lam=opts.lam, semantic="attention-no-sem" not in ablations,
+                saliency="attention-no-sal" not in ablations, quantization=quantization, salmap=salmap,
+                area=opts.area, **common,
+            ), u, u_sal, S, opts, salmap)  # fmt: skip
+
+        def hashing(model: DSaH, x: torch.Tensor, S: torch.Tensor):
+            with torch.no_grad():
+                salmap, y = model.saliency(x)
+            u, u_sal = model.hashing(x), model.hashing(y)
+            return with_diagnostics(L.hashing_objective(
+                u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="hash-sal" in ablations,
+                quantization=quantization, original="hash-no-ori" not in ablations, **common,
+            ), u, u_sal, S, opts, salmap)  # fmt: skip
+
+        def warmup(model: DSaH, x: torch.Tensor, S: torch.Tensor):
+            u = model.hashing(x)
+            terms = {"sem_ori": (opts.lam, L.semantic_loss(u, S, bits, opts.semantic_norm))}
+            if quantization:
+                terms["reg_ori"] = (1.0, L.quantization_loss(u))
+            return with_diagnostics(L.weighted_total(terms), u, None, S, opts)
+
+        def joint(model: DSaH, x: torch.Tensor, S: torch.Tensor):
+            u, u_sal, salmap = model(x)
+            return with_diagnostics(L.simultaneous_objective(
+                u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="attention-no-sal" not in ablations,
+                quantization=quantization, **common,
+            ), u, u_sal, S, opts, salmap)  # fmt: skip
+
+        return {"attention": attention, "hashing": hashing, "warmup": warmup, "joint": joint}
+
+    def phases(self, model: nn.Module, opts, optimizer: OptimizerFactory) -> list[Phase]:
+        objectives = self.objectives(opts, model.hashing.bits)
+        if opts.mode == "simultaneous":
+            return [Phase("joint", model, None, optimizer(model), objectives["joint"])]
+        return [
+            Phase("attention", model.attention, model.hashing, optimizer(model.attention), objectives["attention"]),
+            Phase("hashing", model.hashing, model.attention, optimizer(model.hashing), objectives["hashing"]),
+        ]  # fmt: skip
+
+    def warmup_phase(self, model: nn.Module, opts, phases: list[Phase]) -> Phase | None:
+        if not opts.warmup_epochs:
+            return None
+        hashing = next(p for p in phases if p.name == "hashing")  # steps the hashing phase's own optimiser
+        objective = self.objectives(opts, model.hashing.bits)["warmup"]
+        return Phase("warmup", model.hashing, model.attention, hashing.optimizer, objective)
+
+    @torch.no_grad()
+    def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 17: u = Hash(y), with the map computed once and returned for localisation."""
+        salmap, y = model.saliency(x)
+        return model.hashing(y), salmap
+
+
+register_method(DSaHMethod())
