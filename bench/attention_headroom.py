@@ -65,12 +65,16 @@ def headroom(seeds: list[int], epochs: int, bits: int, grow: float, data_options
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--bits", type=int, default=12, show_default=True)
 @click.option("--grow", type=float, default=2.0, show_default=True, help="Pixels kept around the part box.")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
+              help="A synthetic-fg option, e.g. decoys=6 (repeatable): check another regime's headroom.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def main(seeds: tuple[int, ...], epochs: int, bits: int, grow: float, json_out: str | None) -> None:
+def main(seeds: tuple[int, ...], epochs: int, bits: int, grow: float, data_options: tuple[str, ...],
+         json_out: str | None) -> None:  # fmt: skip
     passive_openmp()
     from dsah_rt.atomic import write_json
+    from dsah_rt.train.cli import parse_option
 
-    result = headroom(list(seeds), epochs, bits, grow, {})
+    result = headroom(list(seeds), epochs, bits, grow, dict(parse_option(o) for o in data_options))
     for row in result["rows"]:
         click.echo(f"| {row['input']} | {row['seed']} | {row['map_last3']:.4f} |")
     if json_out:

@@ -23,7 +23,7 @@ def method_names() -> list[str]:
     return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(spec.submodule_search_locations))
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
     """`key=value` with the value read as JSON where it parses (numbers, true/false, null), else a string."""
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
@@ -106,7 +106,7 @@ def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -
         if threads < 1:
             raise UserError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    options = dict(_parse_option(o) for o in data_options)
+    options = dict(parse_option(o) for o in data_options)
     bits = tuple(dict.fromkeys(bits))
     runs = [TrainOptions(data=data, data_options=options, data_seed=data_seed, bits=k, **kwargs) for k in bits]
     for opts in runs:  # every option checked before the data is loaded, so a bad one fails at once
