@@ -16,7 +16,6 @@ Two runs at a time, one torch thread each: sized for the 2-core machine (about 4
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing as mp
 import platform
 import tempfile
