@@ -273,7 +273,7 @@ def encode_folder(
         state.save()  # a later run without --strict can --resume from here and encode nothing again
         total = len(rows) + len(skipped)
         failure = f"--strict: {len(skipped)} of {total} files skipped" if rows else "no image could be encoded"
-        raise EncodeError(failure + _first_reasons(skipped))
+        raise EncodeError(failure + (f": {first_skips(skipped)}" if skipped else ""))
     if out is not None:
         write_codes(out, packed, runner.info.bits, rows, [s.as_dict() for s in skipped], model)
         state.remove()
@@ -281,9 +281,10 @@ def encode_folder(
     return EncodeResult(out, rows, packed, skipped, encoded, reused, seconds, runner.describe())
 
 
-def _first_reasons(skipped: list[Skip], n: int = 3) -> str:
+def first_skips(skipped: list[Skip], n: int = 3) -> str:
+    """The first `n` skipped files with their reasons, for a one-line error: 'a.jpg: why; b: why; ...'."""
     shown = "; ".join(f"{display_path(s.path)}: {s.reason}" for s in skipped[:n])
-    return f": {shown}{'; ...' if len(skipped) > n else ''}" if skipped else ""
+    return shown + ("; ..." if len(skipped) > n else "")
 
 
 def display_path(rel: str) -> str:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from dsah_rt.atomic import atomic_write
-from dsah_rt.encode import display_path
+from dsah_rt.encode import display_path, first_skips
 from dsah_rt.errors import DataError, UserError
-from dsah_rt.images import ImageSkip, decode, resize, scan
+from dsah_rt.images import ImageSkip, Skip, decode, resize, scan
 from dsah_rt.train.methods import get_method
 from dsah_rt.train.models import DSaH
 from dsah_rt.train.run import load_run
@@ -110,9 +110,8 @@ def render_saliency(
         _save_png(target, figure)
         written += 1
     if not written:
-        shown = "; ".join(f"{display_path(rel)}: {reason}" for rel, reason in reasons[:3])
-        more = "; ..." if len(reasons) > 3 else ""
-        raise UserError(f"{images}: no images found" + (f" (skipped {shown}{more})" if reasons else ""))
+        shown = first_skips([Skip(rel, reason) for rel, reason in reasons])
+        raise UserError(f"{images}: no images found" + (f" (skipped {shown})" if reasons else ""))
     return written, len(reasons)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dsah_rt.errors import DataError
+from dsah_rt.encode import first_skips
 from dsah_rt.images import Skip, find_images, skip_reason
 
 from .core import RetrievalData, Split
@@ -120,9 +121,8 @@ def _load_split_folders(root: Path) -> RetrievalData:
     )
 
 
-def _first_skips(skipped: list[Skip], n: int = 3) -> str:
-    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:n])
-    return f" (skipped {shown}{'; ...' if len(skipped) > n else ''})" if skipped else ""
+def _first_skips(skipped: list[Skip]) -> str:
+    return f" (skipped {first_skips(skipped)})" if skipped else ""
 
 
 def save_as_imagefolder(data: RetrievalData, root: Path | str, *, ext: str = ".png") -> Path:
