@@ -61,7 +61,7 @@ from dsah_rt.train import losses as L
 from dsah_rt.train import run as R
 from dsah_rt.train.data import RetrievalData, load_dataset
 from dsah_rt.train.data.torch_dataset import TorchSplit
-from dsah_rt.train.methods import METHODS, Method, Phase, build_model, frozen, get_method, model_from_config
+from dsah_rt.train.methods import METHODS, Method, Phase, frozen, get_method, model_from_config
 
 MODES = ("iterative", "simultaneous")
 OPTIMIZERS = ("sgd", "adam")
@@ -182,11 +182,6 @@ def _optimizer(opts: TrainOptions, module: nn.Module) -> torch.optim.Optimizer:
     if opts.optimizer == "sgd":
         return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
-
-
-def build_phases(model: nn.Module, opts: TrainOptions) -> list[Phase]:
-    """The passes of one epoch of `opts.method`, in order, each with its own optimiser."""
-    return get_method(opts.method).phases(model, opts, lambda module: _optimizer(opts, module))
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -341,9 +336,10 @@ class Trainer:
         self.data = data if data is not None else load_dataset(
             self.opts.data, seed=self.opts.data_seed, **self.opts.data_options
         )
+        self.method = get_method(self.opts.method)
         torch.manual_seed(self.opts.seed)
         if state is None:
-            self.model = build_model(self.opts.method, self.opts.backbone, self.opts.bits, weights=self.opts.weights)
+            self.model = self.method.build(self.opts.backbone, self.opts.bits, self.opts.weights)
             self.weights_source = self.model.hashing.backbone.weights_source
         else:
             self.model = model_from_config(state["config"])
@@ -354,8 +350,7 @@ class Trainer:
         self.model.to(self.device)
         self.input_size = self.opts.input_size or self.model.hashing.backbone.input_size
         self.config = R.resolved_config(self.model, self.input_size, _jsonable(asdict(self.opts)), self.weights_source)
-        self.method = get_method(self.opts.method)
-        self.phases = build_phases(self.model, self.opts)
+        self.phases = self.method.phases(self.model, self.opts, lambda module: _optimizer(self.opts, module))
         self.warmup = self.method.warmup_phase(self.model, self.opts, self.phases)
 
         crop = self.opts.augment != "none"
