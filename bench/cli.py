@@ -73,15 +73,16 @@ def resolve_model(model: str | None, run: str | None, bits: int | None, work: Pa
     from dsah_rt.runners import model_kind
 
     if model is None:
-        from dsah_rt.bench.encode_bench import make_run
+        from dsah_rt.bench.sample_run import make_run
         from dsah_rt.export.pipeline import export_run
 
         backbone, k, size = DEFAULT_MODEL
-        run_dir = make_run(work / "run", backbone)
+        run_dir = make_run(work / "run", backbone, k, size)
         export_run(run_dir, work / "model.onnx")
         return {"run_dir": str(run_dir), "onnx_path": str(work / "model.onnx"), "bits": k, "input_size": size,
                 "description": f"embedded default, DSaH on the {backbone} backbone, {k} bits, {size} px, randomly "
-                               "initialised (speed numbers only; its codes carry no meaning), on generated scenes"}  # fmt: skip
+                               "initialised, its bits balanced over rendered scenes (speed and bit agreement only; its "
+                               "codes carry no meaning), on generated scenes"}  # fmt: skip
     kind = model_kind(model)
     if kind == "engine":
         raise UserError(f"{model}: bench builds its own engines; pass the model.onnx or the RUN_DIR")

@@ -43,24 +43,12 @@ MODELS = {"efficientnet_lite0": ("imagenet", 224), "small": ("none", 64)}
 BITS = 48
 
 
-def make_run(run_dir: Path, backbone: str) -> Path:
-    import torch
-
-    from dsah_rt.train.methods import build_model
-    from dsah_rt.train.run import capture_rng_states, resolved_config, save_checkpoint
-
-    weights, size = MODELS[backbone]
-    torch.manual_seed(0)
-    model = build_model("dsah", backbone, BITS, weights=weights)
-    config = resolved_config(model, size, training={}, weights_source=model.config()["weights_source"])
-    save_checkpoint(run_dir, model, {}, 0, config, capture_rng_states(), [])
-    return run_dir
-
-
 def export(work: Path, backbone: str) -> tuple[Path, Path, float]:
+    from dsah_rt.bench.sample_run import make_run
     from dsah_rt.export.pipeline import export_run
 
-    run = make_run(work / f"run-{backbone}", backbone)
+    weights, size = MODELS[backbone]
+    run = make_run(work / f"run-{backbone}", backbone, BITS, size, weights)
     onnx_path = work / f"{backbone}.onnx"
     start = time.perf_counter()
     export_run(run, onnx_path)  # verified against PyTorch at batch 1, 3, 17 or it raises

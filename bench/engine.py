@@ -5,7 +5,9 @@ process) is its own: one process for all would report the largest backend everyw
 computes the reference codes (PyTorch eager, fp32, CPU) once; each child compares its codes with
 them bit by bit.
 
-Torch variants are built by `torch_encoder`, which the GPU script (`bench/gpu.py`) shares.
+The table is the runner registry's backends (`runner_entries`: what `--backend` accepts, with
+the registry's own reasons when one cannot run here) plus variants of the eager torch model that
+only the benchmark measures, built by `torch_encoder`, which the GPU script (`bench/gpu.py`) shares.
 """
 
 from __future__ import annotations
@@ -22,21 +24,23 @@ import numpy as np
 
 from dsah_rt.bench.timing import load, measure, quantiles, summarize
 from dsah_rt.codes import unpack
+from dsah_rt.runners.registry import backends, get_backend
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    framework: str  # torch | ort | trt
+    framework: str  # torch: a variant of the eager model, measured here | runner: a registered dsah_rt runner
     device: str = "cpu"
-    precision: str = "fp32"  # fp32 (TF32 off) | tf32 | fp16 (autocast)
+    precision: str = "fp32"  # fp32 (TF32 off) | tf32 | fp16 (autocast; for an engine, its build precision)
     channels_last: bool = False
     mode: str = "eager"  # eager | cuda-graphs | compile
     # Measured only when asked for by name (--backends): too slow for the 2-minute default run.
     opt_in: str = ""
+    runner: str = ""  # the dsah_rt.runners backend a runner entry runs
 
 
-BACKENDS: tuple[Backend, ...] = (
+TORCH_VARIANTS: tuple[Backend, ...] = (
     Backend("torch-cpu-fp32", "torch"),
     Backend("torch-cpu-fp32-cl", "torch", channels_last=True),
     Backend("torch-cpu-compile", "torch", mode="compile",
@@ -46,12 +50,23 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("torch-cuda-fp16-cl", "torch", "cuda", "fp16", True),
     Backend("torch-cuda-graphs-fp16-cl", "torch", "cuda", "fp16", True, "cuda-graphs"),
     Backend("torch-cuda-compile-fp16-cl", "torch", "cuda", "fp16", True, "compile"),
-    Backend("ort-cpu", "ort"),
-    Backend("ort-cuda", "ort", "cuda"),
-    Backend("ort-tensorrt", "ort", "cuda"),
-    Backend("trt-fp32", "trt", "cuda"),
-    Backend("trt-fp16", "trt", "cuda", "fp16"),
 )
+ENGINE_PRECISIONS = ("fp32", "fp16")  # the engines built for each registered engine backend
+
+
+def runner_entries() -> tuple[Backend, ...]:
+    """The registered runners: one entry for each that runs an ONNX file, one per build precision for
+    each that runs an engine. The `run` kind (the torch reference) is measured by the torch variants."""
+    out: list[Backend] = []
+    for spec in backends():
+        if spec.kind == "onnx":
+            out.append(Backend(spec.name, "runner", spec.device, runner=spec.name))
+        elif spec.kind == "engine":
+            out += [Backend(f"{spec.name}-{p}", "runner", spec.device, p, runner=spec.name) for p in ENGINE_PRECISIONS]
+    return tuple(out)
+
+
+BACKENDS: tuple[Backend, ...] = TORCH_VARIANTS + runner_entries()
 BY_NAME = {b.name: b for b in BACKENDS}
 
 
@@ -80,30 +95,14 @@ def unavailable_reason(backend: Backend, job: Job, requested: bool) -> str | Non
     if backend.framework == "torch":
         if job.run_dir is None:
             return "needs the training RUN_DIR (--model RUN_DIR, or --run beside a model.onnx)"
-        if backend.device == "cuda":
-            return cuda_unavailable_reason()
-        return None
-    if backend.framework == "ort":
-        from dsah_rt.runners.ort import available_providers
-        from dsah_rt.runners.base import ModelError
-
-        if job.onnx_path is None:
-            return "needs a model.onnx"
-        try:
-            have = available_providers()
-        except ModelError as exc:
-            return str(exc)
-        provider = backend.name.removeprefix("ort-")
-        if provider not in have:
-            import onnxruntime
-
-            return f"onnxruntime {onnxruntime.__version__} has no {provider} provider (it has: {', '.join(have)})"
-        return None
-    from dsah_rt.runners.trt import tensorrt_unavailable_reason
-
-    if job.onnx_path is None or job.run_dir is None:
+        torch_reason = get_backend("torch").unavailable()
+        return torch_reason or (cuda_unavailable_reason() if backend.device == "cuda" else None)
+    spec = get_backend(backend.runner)
+    if job.onnx_path is None:
+        return "needs a model.onnx"
+    if spec.kind == "engine" and job.run_dir is None:
         return "building an engine needs the RUN_DIR (it is verified against PyTorch)"
-    return tensorrt_unavailable_reason()
+    return spec.unavailable()
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -233,16 +232,15 @@ def _torch_prepared(backend: Backend, job: Job) -> tuple[Callable[[np.ndarray], 
 def _runner_prepared(backend: Backend, job: Job) -> tuple[Callable[[np.ndarray], tuple[Any, Any]], int, dict[str, Any]]:
     from dsah_rt.runners import make_runner
 
-    if backend.framework == "trt":
+    if get_backend(backend.runner).kind == "engine":
         from dsah_rt.export.pipeline import export_run
 
         path = Path(job.engine_dir) / f"{backend.name}.engine"
         export_run(job.run_dir, Path(job.engine_dir) / f"{backend.name}.onnx", trt=path,
                    precision=backend.precision, max_batch=max(job.batch_sizes))  # fmt: skip
-        runner = make_runner(path, "trt")
     else:
         path = Path(job.onnx_path)
-        runner = make_runner(path, backend.name, threads=job.threads)
+    runner = make_runner(path, backend.runner, threads=job.threads)
 
     def prepare(images: np.ndarray) -> tuple[Any, Any]:
         return _discard(lambda: runner.infer(images)), (lambda: runner.infer(images))

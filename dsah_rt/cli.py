@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from dsah_rt.atomic import atomic_write, check_parent, write_json
+from dsah_rt.cli_options import backend_option
 from dsah_rt.errors import UserError
 
 # name -> "module:attribute" of a click command defined with its stage.
@@ -115,29 +116,27 @@ def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, rad
 
 
 @main.command("search")
-@click.option("--db-codes", "-d", required=True, type=click.Path(dir_okay=False), help="Database codes .npy.")
+@click.option("--db-codes", "-d", type=click.Path(dir_okay=False), help="Database codes .npy (or use --index).")
+@click.option("--index", "index_path", type=click.Path(dir_okay=False), help="A saved index of any kind ('dsah-rt index build'), with --query-codes.")
 @click.option("--query-codes", "-q", type=click.Path(dir_okay=False), help="Query codes .npy (or use --query).")
 @click.option("--query", "query_images", type=click.Path(exists=True), help="Query image or folder, encoded with --model.")
 @click.option("--model", "model_path", type=click.Path(exists=True), help="model.onnx / model.engine that made the database.")
-@click.option("--backend", default="auto", show_default=True, help="Runner for --model (see 'dsah-rt encode --help').")
+@backend_option()
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
 @click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Result .npz: indices, distances, seconds (with --query-codes).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Ranked paths and distances as JSON (with --query).")
-def search_command(db_codes, query_codes, query_images, model_path, backend, k, bits, threads, out, json_out) -> None:
-    """Exact top-k Hamming search; ties are ordered by database index.
+def search_command(db_codes, index_path, query_codes, query_images, model_path, backend, k, bits, threads, out, json_out) -> None:
+    """Top-k Hamming search; exact ones (--db-codes, exact index files) order ties by database index.
 
-    Either --query-codes Q.npy (writes --out R.npz) or --query IMAGE_OR_DIR --model M, which encodes
-    the images and prints each one's ranked database paths (from the manifest) with their distances.
+    Either --query-codes Q.npy against --db-codes D.npy or --index INDEX (writes --out R.npz), or
+    --query IMAGE_OR_DIR --model M against --db-codes, which encodes the images and prints each one's
+    ranked database paths (from the manifest) with their distances.
     """
-    import time
-
     import numpy as np
 
-    from dsah_rt.codes import read_codes
     from dsah_rt.hamming import set_threads
-    from dsah_rt.index import BinaryIndex
 
     if (query_codes is None) == (query_images is None):
         raise UserError("give exactly one of --query-codes and --query")
@@ -147,6 +146,8 @@ def search_command(db_codes, query_codes, query_images, model_path, backend, k, 
 
         if model_path is None:
             raise UserError("--query needs --model (the model that encoded the database)")
+        if db_codes is None or index_path is not None:
+            raise UserError("--query needs --db-codes, not --index (an index file has no row paths)")
         check_parent(json_out)
         result = search_images(db_codes, query_images, model_path, k=k, backend=backend)
         for query in result["queries"]:
@@ -161,19 +162,30 @@ def search_command(db_codes, query_codes, query_images, model_path, backend, k, 
     if out is None:
         raise UserError("--query-codes needs --out R.npz")
     check_parent(out)
-    d = read_codes(db_codes, bits)
-    q = read_codes(query_codes, d.bits if bits is None else bits)
-    if q.bits != d.bits:
-        raise UserError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
-    if not 1 <= k <= len(d):
-        raise UserError(f"{db_codes}: -k {k} must be between 1 and the database size {len(d)}")
-    index = BinaryIndex(d.bits)
-    index.add(d.packed)
-    start = time.perf_counter()
-    distances, indices = index.search(q.packed, k)
-    seconds = time.perf_counter() - start
-    atomic_write(out, lambda fh: np.savez(fh, indices=indices, distances=distances, seconds=np.float64(seconds)))
-    click.echo(f"{len(q)} queries x {len(d)} codes, k={k}: {seconds:.4f} s -> {out}")
+    from dsah_rt.query import search_codes
+
+    r = search_codes(query_codes, k, db_codes=db_codes, index=index_path, bits=bits)
+    atomic_write(out, lambda fh: np.savez(fh, indices=r.indices, distances=r.distances, seconds=np.float64(r.seconds)))
+    click.echo(f"{len(r.indices)} queries x {r.database} codes, k={k}: {r.seconds:.4f} s -> {out}")
+
+
+@main.group("index")
+def index_group() -> None:
+    """Build search index files (exact or FAISS) for 'dsah-rt search --index'."""
+
+
+@index_group.command("build")
+@click.argument("codes", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Index file to write.")
+@click.option("--faiss", "spec", default=None, help="FAISS binary factory string (BFlat, BIVF<nlist>, BHNSW<M>); default: the exact index.")
+@click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
+def index_build(codes, out, spec, bits) -> None:
+    """Write CODES as an index file: the exact index (memory-mapped by search) or a FAISS one that
+    faiss.read_index_binary opens."""
+    from dsah_rt.index import write_index
+
+    index = write_index(codes, out, spec or "exact", bits)
+    click.echo(f"{index.ntotal} {index.bits}-bit codes -> {index.kind} index {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dsah_rt.cli_options import backend_option
 from dsah_rt.errors import UserError
 
 if TYPE_CHECKING:  # numpy and the runners load only when a command runs, not for --help
@@ -48,7 +49,7 @@ def check_input_size(runner: Runner, size: int | None) -> None:
 @click.argument("images", type=click.Path(exists=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="codes.npy to write (+ codes.npy.json manifest).")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="model.onnx, model.engine or a RUN_DIR (torch).")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda, ort-tensorrt, trt or torch.")
+@backend_option()
 @click.option("--batch", type=int, default=32, show_default=True, help="Images per inference call.")
 @click.option("--workers", type=int, default=None, help="Decode workers (default: one per CPU core).")
 @click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (measured faster here) or processes.")

@@ -1,8 +1,9 @@
 """Binary codes: the bit convention, packing, and atomic reading/writing of codes files.
 
 Convention (the whole project uses it): bit = 1 iff u >= 0, i.e. b = +1 for u = 0. Packed codes are
-`uint8` rows of ceil(k/8) bytes, most significant bit first (`numpy.packbits` order, the layout FAISS
-binary indexes take); padding bits past k are zero.
+`uint8` rows of ceil(k/8) bytes, most significant bit first (`numpy.packbits` order); padding bits past
+k are zero. FAISS binary indexes take these bytes as they are (they only XOR and popcount bytes), but
+FAISS's `real_to_binary` packs least significant bit first: `swap_bit_order` converts between the two.
 
 A codes file `X.npy` has a manifest `X.npy.json` beside it with `bits`, `rows`, `skipped`, `model` and
 the SHA-256 of the packed array, so a manifest that does not belong to its array is caught.
@@ -43,6 +44,19 @@ def pack(bits01: np.ndarray) -> np.ndarray:
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """(N, ceil(k/8)) packed uint8 -> (N, k) 0/1 uint8."""
     return np.unpackbits(packed, axis=1, count=bits)
+
+
+# Byte b read MSB-first and written LSB-first.
+_REVERSED_BITS = np.packbits(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1), axis=1, bitorder="little").ravel()
+
+
+def swap_bit_order(packed: np.ndarray) -> np.ndarray:
+    """MSB-first packed bytes (ours, `numpy.packbits`) <-> LSB-first (`faiss.real_to_binary`); its own inverse.
+
+    Distances do not depend on the order as long as both sides use the same one; convert only to mix
+    codes packed by FAISS with ours. FAISS also sets a bit for x > 0, ours for u >= 0.
+    """
+    return _REVERSED_BITS[np.asarray(packed, dtype=np.uint8)]
 
 
 def _check_bits(bits: int, where: str) -> None:

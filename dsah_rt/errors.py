@@ -11,3 +11,7 @@ class CodesError(UserError):
 
 class DataError(UserError):
     """A dataset that is missing, malformed or inconsistent."""
+
+
+class SearchIndexError(UserError):
+    """An index spec, index file or index operation that cannot be used."""

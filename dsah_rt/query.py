@@ -1,23 +1,67 @@
-"""Search by image: encode query images with the model, rank the database codes by Hamming distance.
+"""Search by codes or by image: `dsah-rt search`'s two modes, each taking its index from the factory.
 
+    result = search_codes("q.npy", k=10, db_codes="db/codes.npy")   # or index="db.index", any kind
     results = search_images("db/codes.npy", "query.jpg", "model.onnx", k=10)
 
-The database must be a codes file written by `dsah-rt encode` (its manifest names the rows) with
-the same model: codes of two different models are not comparable, so a different fingerprint or
-code length is refused.
+For image queries the database must be a codes file written by `dsah-rt encode` (its manifest names
+the rows) with the same model: codes of two different models are not comparable, so a different
+fingerprint or code length is refused.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsah_rt.codes import read_codes
+import numpy as np
+
+from dsah_rt.codes import nbytes_for, read_codes
 from dsah_rt.encode import display_path, encode_folder
-from dsah_rt.errors import CodesError
-from dsah_rt.index import BinaryIndex
+from dsah_rt.errors import CodesError, UserError
+from dsah_rt.index import build_index, load_index
 from dsah_rt.runners import make_runner
+
+
+@dataclass
+class CodesSearch:
+    """Top-k of every query code: distances (Q, k) int32, indices (Q, k) int64, seconds of the search alone."""
+
+    distances: np.ndarray
+    indices: np.ndarray
+    seconds: float
+    database: int
+
+
+def search_codes(
+    query_codes: str | os.PathLike[str],
+    k: int,
+    db_codes: str | os.PathLike[str] | None = None,
+    index: str | os.PathLike[str] | None = None,
+    bits: int | None = None,
+) -> CodesSearch:
+    """Top-k for the codes in `query_codes`, against a codes file (exact search) or a saved index of any kind."""
+    if (db_codes is None) == (index is None):
+        raise UserError("give exactly one of --db-codes and --index")
+    if index is not None:
+        source, db = index, load_index(index, mmap=True)
+        q = read_codes(query_codes, bits)
+        # Bytes, not bits: a FAISS file records only bytes per code, and padding bits are zero.
+        if nbytes_for(q.bits) != nbytes_for(db.bits):
+            raise CodesError(f"{query_codes} has {q.bits}-bit codes but {index} holds {db.bits}-bit codes")
+    else:
+        source, d = db_codes, read_codes(db_codes, bits)
+        q = read_codes(query_codes, d.bits if bits is None else bits)
+        if q.bits != d.bits:
+            raise CodesError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
+        db = build_index(d.packed, "exact", d.bits)
+    if not 1 <= k <= db.ntotal:
+        raise CodesError(f"{source}: -k {k} must be between 1 and the database size {db.ntotal}")
+    start = time.perf_counter()
+    distances, indices = db.search(q.packed, k)
+    return CodesSearch(distances, indices, time.perf_counter() - start, db.ntotal)
 
 
 def search_images(
@@ -52,9 +96,7 @@ def search_images(
             )
         encoded = encode_folder(query, None, runner, batch=batch, workers=workers)
         described = runner.describe()
-    index = BinaryIndex(db.bits)
-    index.add(db.packed)
-    distances, indices = index.search(encoded.codes, k)
+    distances, indices = build_index(db.packed, "exact", db.bits).search(encoded.codes, k)
     base = Path(query) if Path(query).is_dir() else Path(query).parent
     return {
         "k": k,

@@ -75,16 +75,7 @@ def export_onnx(
     """
     out = Path(out)
     fused = FusedEncoder(model, config, with_u=with_u).eval()
-    info = ModelInfo(
-        method=config["method"],
-        backbone=config["backbone"],
-        bits=fused.bits,
-        input_size=fused.input_size,
-        mean=tuple(float(v) for v in config["mean"]),
-        std=tuple(float(v) for v in config["std"]),
-        fingerprint=fingerprint,
-        with_u=with_u,
-    )
+    info = ModelInfo.from_config(config, fingerprint, with_u)
     s = fused.input_size
     # Batch 2, not 1: torch.export specialises a dimension traced at size 1.
     sample = torch.randint(0, 256, (2, 3, s, s), dtype=torch.uint8)

@@ -78,3 +78,11 @@ def precision_at(rel_in_order: np.ndarray, k: int) -> float:
 
 def assert_close(a: float, b: float, tol: float = 1e-12) -> None:
     assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), (a, b)
+
+
+def assert_ranking_prefix(D: np.ndarray, I: np.ndarray, dist: np.ndarray) -> None:
+    """Each row of (D, I) is the first len(I[i]) of the (distance, index) ranking of dist's row."""
+    for i, row in enumerate(dist):
+        order = ranking(row)[: I.shape[1]]
+        np.testing.assert_array_equal(I[i], order)
+        np.testing.assert_array_equal(D[i], row[order])

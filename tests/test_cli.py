@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import reference as ref
+from cli_checks import assert_one_line_error
 from dsah_rt.cli import main
 from dsah_rt.codes import pack, write_codes
 
@@ -96,12 +97,7 @@ def _bad(tmp_path):
 )
 def test_bad_input_is_one_line_error(files, args, message):
     d = _bad(files[0])
-    res = run(*[a.format(d=d) for a in args])
-    assert res.exit_code != 0
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], res.output
-    assert "Traceback" not in res.output
-    assert not list(d.glob("r.npz")) and not list(d.glob(".*tmp"))
+    assert_one_line_error(run(*[a.format(d=d) for a in args]), message, d, "r.npz")
 
 
 def test_help_is_fast_and_imports_no_torch():

@@ -45,11 +45,7 @@ def test_topk_is_stable_ranking_prefix(case, data):
     index = BinaryIndex(k)
     index.add(pack(db01))
     D, I = index.search(pack(q01), K)
-    dist = ref.distances(q01, db01)
-    for i in range(len(q01)):
-        order = ref.ranking(dist[i])[:K]
-        np.testing.assert_array_equal(I[i], order)
-        np.testing.assert_array_equal(D[i], dist[i][order])
+    ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
     assert D.dtype == np.int32 and I.dtype == np.int64
 
 

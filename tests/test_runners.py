@@ -1,4 +1,5 @@
-"""Runners: one interface test for every backend, provider checks, model-file checks, no torch at runtime."""
+"""Runners: one interface test for every backend, the registry, lazy loaders, provider and model-file checks,
+no torch at runtime."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from dsah_fixtures import BITS, INPUT_SIZE
 
 from dsah_rt.codes import binarize, nbytes_for, pack
-from dsah_rt.runners import ModelError, Runner, make_runner, model_kind
+from dsah_rt.runners import ModelError, Runner, backend_names, make_runner, model_kind, registry
+from dsah_rt.runners.ort import OrtRunner, SessionFromOnnx, read_onnx_info
 from dsah_rt.runners.trt import tensorrt_unavailable_reason
 
 TRT_REASON = tensorrt_unavailable_reason()
@@ -77,9 +79,79 @@ def test_auto_picks_an_available_backend_and_says_which(model):
     run, onnx_path = model
     with make_runner(onnx_path) as runner:
         assert runner.backend == "onnxruntime"
-        assert "auto chose onnxruntime/cpu" in runner.describe()["selected"]
+        assert "auto chose ort-cpu" in runner.describe()["selected"]
     with make_runner(run) as runner:
         assert runner.backend == "torch" and "auto chose torch" in runner.selection_note
+
+
+def test_one_registration_reaches_make_runner_auto_and_the_cli(model, monkeypatch):
+    """A backend registered first for ONNX files: auto tries it first (noting why it is unavailable),
+    --backend accepts it by name, and make_runner builds it through its factory."""
+    from click.testing import CliRunner
+
+    from dsah_rt.cli import main
+
+    built = []
+
+    def factory(path, threads=None, bits=None):
+        built.append(path)
+        return OrtRunner(SessionFromOnnx(path, "cpu", threads))
+
+    fake = registry.Backend("ort-fake", "onnx", factory, lambda: "no fake device here")
+    monkeypatch.setattr(registry, "_REGISTRY", {"ort-fake": fake, **registry._REGISTRY})
+    assert backend_names()[:2] == ("auto", "ort-fake")
+    with make_runner(model[1]) as runner:
+        assert "ort-fake: no fake device here" in runner.selection_note and not built
+    with make_runner(model[1], "ort-fake") as runner:
+        assert built == [model[1]] and runner.infer(_images(2)).shape == (2, nbytes_for(BITS))
+    text = CliRunner().invoke(main, ["encode", "--help"]).output
+    assert "ort-fake" in text
+    bad = CliRunner().invoke(main, ["encode", "x", "--out", "c.npy", "--model", str(model[1]), "--backend", "gpu"])
+    assert bad.exit_code == 2 and "'gpu' is not one of" in bad.output and "ort-fake" in bad.output
+
+
+def test_the_registry_refuses_unknown_kinds_and_taken_names():
+    with pytest.raises(ValueError, match="unknown model kind"):
+        registry.register(registry.Backend("tf", "savedmodel", "nowhere:nothing", lambda: None))
+    for taken in ("ort-cpu", "auto"):
+        with pytest.raises(ValueError, match="is taken"):
+            registry.register(registry.Backend(taken, "onnx", "nowhere:nothing", lambda: None))
+    assert "tf" not in backend_names()
+
+
+def test_a_runner_loads_nothing_until_activated_and_opens_one_session(model, monkeypatch):
+    import onnxruntime
+
+    expected = read_onnx_info(model[1])
+    opened = []
+    real = onnxruntime.InferenceSession
+
+    def counting(*args, **kwargs):
+        opened.append(kwargs.get("providers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
+    runner = OrtRunner(SessionFromOnnx(model[1], "cpu"))
+    assert opened == []
+    with pytest.raises(RuntimeError, match="loaded no model yet"):
+        runner.info
+    with runner:
+        assert runner.info == expected and opened == [["CPUExecutionProvider"]]
+
+
+def test_the_torch_reference_reads_its_checkpoint_once(model, monkeypatch):
+    import torch
+
+    from dsah_rt.train.run import run_fingerprint
+
+    run = model[0]
+    expected = run_fingerprint(run)  # an independent read of the checkpoint file
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    with make_runner(run, "torch") as ref:
+        assert len(loads) == 1 and ref.info.fingerprint == expected
+        assert ref.info == read_onnx_info(model[1])  # the export carries exactly what the reference reports
 
 
 def test_a_gpu_provider_missing_from_the_build_is_refused(model):
@@ -112,9 +184,9 @@ def test_wrong_backend_for_the_model_kind(model, tmp_path):
     assert model_kind(run) == "run" and model_kind(onnx_path) == "onnx"
     with pytest.raises(ModelError, match="export it first"):
         make_runner(run, "ort-cpu")
-    with pytest.raises(ModelError, match="needs the training RUN_DIR"):
+    with pytest.raises(ModelError, match="needs a training RUN_DIR"):
         make_runner(onnx_path, "torch")
-    with pytest.raises(ModelError, match="unknown backend"):
+    with pytest.raises(ModelError, match="unknown backend 'gpu'; choose one of auto, "):
         make_runner(onnx_path, "gpu")
     with pytest.raises(ModelError, match="no such model"):
         make_runner(tmp_path / "missing.onnx")
@@ -151,12 +223,15 @@ def test_the_runtime_needs_no_torch(model):
     """Running an exported model imports neither torch nor the training package."""
     code = f"""
 import sys, numpy as np
-from dsah_rt.runners import make_runner
+from dsah_rt.runners import make_runner, registry
 import dsah_rt.encode, dsah_rt.images, dsah_rt.cli_encode
-with make_runner({str(model[1])!r}, "ort-cpu") as r:
+with make_runner({str(model[1])!r}) as r:
     codes = r.infer(np.zeros((2, 3, {INPUT_SIZE}, {INPUT_SIZE}), np.uint8))
 assert codes.shape == (2, {nbytes_for(BITS)})
-leaked = sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith("dsah_rt.train"))
+reasons = {{b.name: b.unavailable() for b in registry.backends()}}  # the torch backend's included
+assert reasons["torch"] is None, reasons
+stages = ("dsah_rt.train", "dsah_rt.export")
+leaked = sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith(stages))
 assert not leaked, leaked
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

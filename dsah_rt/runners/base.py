@@ -62,6 +62,20 @@ class ModelInfo:
         return out
 
     @classmethod
+    def from_config(cls, config: dict[str, Any], fingerprint: str, with_u: bool) -> ModelInfo:
+        """What an export of a run with this config (`load_run`) and weight fingerprint carries."""
+        return cls(
+            method=config["method"],
+            backbone=config["backbone"],
+            bits=int(config["bits"]),
+            input_size=int(config["input_size"]),
+            mean=tuple(float(v) for v in config["mean"]),
+            std=tuple(float(v) for v in config["std"]),
+            fingerprint=fingerprint,
+            with_u=with_u,
+        )
+
+    @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str) -> ModelInfo:
         if meta.get(META_PREFIX + "format") != MODEL_FORMAT:
             found = meta.get(META_PREFIX + "format")
@@ -92,16 +106,32 @@ def _parse(type_name: str, raw: str) -> Any:
 
 
 class Runner(ABC):
-    """activate / infer / deactivate over one model; a context manager activates and deactivates."""
+    """activate / infer / deactivate over one model; a context manager activates and deactivates.
+
+    A runner is built around a lazy loader and reads its `info` in `_activate`, from what the
+    loader really loaded (session metadata, engine sidecar, checkpoint): nothing is read twice,
+    and building a runner costs nothing. A wrapper may pass the `info` it already knows.
+    """
 
     backend: ClassVar[str]
 
-    def __init__(self, info: ModelInfo, source: str) -> None:
-        self.info = info
+    def __init__(self, info: ModelInfo | None, source: str) -> None:
+        self._info = info
         self.source = source
         self.is_active = False
         # Set by make_runner(backend="auto") to say why this backend was chosen.
         self.selection_note = ""
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            name = type(self).__name__
+            raise RuntimeError(f"{name} has loaded no model yet: call activate() or use it in a with block")
+        return self._info
+
+    @info.setter
+    def info(self, info: ModelInfo) -> None:
+        self._info = info
 
     # -- lifecycle --------------------------------------------------------------------------
     def activate(self) -> None:
@@ -174,7 +204,8 @@ class Runner(ABC):
         }
 
     @abstractmethod
-    def _activate(self) -> None: ...
+    def _activate(self) -> None:
+        """Call the loader, keep what it loaded and set `self.info` from it."""
 
     @abstractmethod
     def _deactivate(self) -> None: ...

@@ -1,19 +1,24 @@
-"""OrtRunner: an exported model.onnx on ONNX Runtime (CPU, CUDA or its TensorRT provider)."""
+"""OrtRunner: an exported model.onnx on ONNX Runtime (CPU, CUDA or its TensorRT provider).
+
+Registers ort-tensorrt, ort-cuda and ort-cpu, fastest first (the order `auto` tries them).
+"""
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dsah_rt.runners.base import ModelError, ModelInfo, Runner
+from dsah_rt.runners.registry import Backend, register
 
 PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
 }
 
 
@@ -25,10 +30,18 @@ def _ort():
     return onnxruntime
 
 
-def available_providers() -> list[str]:
-    """Short names ('tensorrt', 'cuda', 'cpu') of the providers this onnxruntime build has."""
-    have = set(_ort().get_available_providers())
-    return [name for name, full in PROVIDERS.items() if full in have]
+def provider_unavailable_reason(provider: str) -> str | None:
+    """None when this onnxruntime build has `provider` ('cpu', 'cuda', 'tensorrt'), else why not."""
+    try:
+        have = _ort().get_available_providers()
+    except ModelError as exc:
+        return str(exc)
+    if PROVIDERS[provider] in have:
+        return None
+    return (
+        f"onnxruntime {_ort().__version__} has no {PROVIDERS[provider]} (available: {', '.join(have)}); "
+        "install onnxruntime-gpu for cuda/tensorrt"
+    )
 
 
 def read_onnx_info(path: str | os.PathLike[str]) -> ModelInfo:
@@ -50,7 +63,7 @@ def _session(path: Path, providers: list[Any], threads: int | None, optimize: bo
     # anyone sharing the machine) need; on the shared 2-core machine lite0 at batch 1 ran in
     # 28 ms without spinning against 46-70 ms with it.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # provider fallbacks are checked below, not left to a log line
+    options.log_severity_level = 3  # provider fallbacks are refused by SessionFromOnnx, not left to a log line
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
@@ -71,14 +84,12 @@ def _info_from_session(session: Any, where: str) -> ModelInfo:
     return info
 
 
-class OrtRunner(Runner):
-    """ONNX Runtime on `provider` ('cpu', 'cuda' or 'tensorrt').
+class SessionFromOnnx:
+    """A lazy loader, in Polygraphy's style: calling it opens the session of `path` on `provider`.
 
     A GPU provider that ONNX Runtime cannot start is dropped with only a log line and the session
     runs on the CPU; that fallback is refused here, because a silent 50x slowdown is a bug.
     """
-
-    backend = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike[str], provider: str = "cpu", threads: int | None = None) -> None:
         if provider not in PROVIDERS:
@@ -86,15 +97,28 @@ class OrtRunner(Runner):
         self.path = Path(path)
         self.provider = provider
         self.threads = threads
-        self._session: Any = None
-        super().__init__(read_onnx_info(self.path), str(self.path))
+
+    def __call__(self) -> Any:
+        reason = provider_unavailable_reason(self.provider)
+        if reason is not None:
+            raise ModelError(reason)
+        session = _session(self.path, self._provider_list(), self.threads)
+        used, wanted = session.get_providers(), PROVIDERS[self.provider]
+        if used[0] != wanted:
+            raise ModelError(
+                f"{self.path}: asked for {wanted} but onnxruntime fell back to {used[0]} "
+                "(driver, CUDA or TensorRT libraries missing?); refusing to run on the CPU silently"
+            )
+        return session
 
     def _provider_list(self) -> list[Any]:
         if self.provider == "cpu":
             return ["CPUExecutionProvider"]
         if self.provider == "cuda":
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        s = self.info.input_size
+        # The TensorRT provider's profile must be given when the session opens, so only here the
+        # input size is read beforehand, from a session that builds no kernels.
+        s = read_onnx_info(self.path).input_size
         cache = self.path.with_name(self.path.name + ".trt-cache")
         cache.mkdir(exist_ok=True)
         trt_options = {
@@ -107,21 +131,22 @@ class OrtRunner(Runner):
         }
         return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
+
+class OrtRunner(Runner):
+    """ONNX Runtime on the loader's provider; the metadata is read from the session that runs."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, loader: SessionFromOnnx) -> None:
+        self.loader = loader
+        self.provider = loader.provider
+        self.threads = loader.threads
+        self._session: Any = None
+        super().__init__(None, str(loader.path))
+
     def _activate(self) -> None:
-        wanted = PROVIDERS[self.provider]
-        if wanted not in _ort().get_available_providers():
-            raise ModelError(
-                f"onnxruntime {_ort().__version__} has no {wanted} "
-                f"(available: {', '.join(_ort().get_available_providers())}); "
-                "install onnxruntime-gpu for cuda/tensorrt"
-            )
-        session = _session(self.path, self._provider_list(), self.threads)
-        used = session.get_providers()
-        if used[0] != wanted:
-            raise ModelError(
-                f"{self.path}: asked for {wanted} but onnxruntime fell back to {used[0]} "
-                "(driver, CUDA or TensorRT libraries missing?); refusing to run on the CPU silently"
-            )
+        session = self.loader()
+        self.info = _info_from_session(session, self.source)
         self._session = session
 
     def _deactivate(self) -> None:
@@ -141,3 +166,14 @@ class OrtRunner(Runner):
             "precision": "fp32" if self.provider != "tensorrt" else "fp32 (tensorrt provider)",
             "threads": self.threads,
         }
+
+
+def _runner(provider: str, path: Path, threads: int | None = None, bits: int | None = None) -> OrtRunner:
+    return OrtRunner(SessionFromOnnx(path, provider, threads))
+
+
+for _provider in PROVIDERS:  # fastest first
+    register(Backend(
+        f"ort-{_provider}", "onnx", partial(_runner, _provider), partial(provider_unavailable_reason, _provider),
+        device="cpu" if _provider == "cpu" else "cuda",
+    ))  # fmt: skip
