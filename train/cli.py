@@ -65,6 +65,9 @@ def parse_option(text: str) -> tuple[str, Any]:
                    "VGG-16 'is not finetuned'; at 64 px it left every method at chance).")
 @click.option("--warmup-epochs", type=int, default=0, show_default=True,
               help="DSaH: epochs training the hashing network alone on the original images before Algorithm 1.")
+@click.option("--refit-epochs", type=int, default=0, show_default=True,
+              help="DSaH: last epochs training the hashing network alone on the saliency images, the attention "
+                   "frozen and the learning rate restarted (0: the paper's Algorithm 1 to the end).")
 @click.option("--eval-every", type=int, default=1, show_default=True,
               help="Evaluate MAP and write the codes every N epochs (and always after the last).")
 @click.option("--batch-size", type=int, default=32, show_default=True)

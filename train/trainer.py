@@ -110,6 +110,10 @@ class TrainOptions:
     # DSaH: epochs that train the hashing network alone on the original images (lambda J_sem_ori +
     # J_reg_ori) before Algorithm 1 starts; 0 is the paper (its VGG-16 arrives trained on ImageNet).
     warmup_epochs: int = 0
+    # DSaH: the last epochs train the hashing network alone on the saliency images, the attention
+    # network frozen and the learning rate restarted: a network chasing a map that moves every epoch
+    # learned less than one fitted to the settled map (train-evidence.md, round 1b, S2). 0: the paper.
+    refit_epochs: int = 0
     area: float = 0.0  # DSaH: weight of the saliency map's mean area in Eq. 14 (0: the paper)
     augment: str = "none"
     seed: int = 0
@@ -136,8 +140,12 @@ class TrainOptions:
                 raise UserError(f"{name} must be a positive number, got {value}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_epochs < 0:
-            raise UserError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        for name in ("warmup_epochs", "refit_epochs"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs + self.refit_epochs > self.epochs:
+            raise UserError(f"warmup_epochs + refit_epochs ({self.warmup_epochs} + {self.refit_epochs}) "
+                            f"exceed epochs ({self.epochs})")
         if not (math.isfinite(self.area) and self.area >= 0):
             raise UserError(f"area must be >= 0, got {self.area}")
         if self.batch_size < 2:
@@ -351,7 +359,7 @@ class Trainer:
         self.input_size = self.opts.input_size or self.model.hashing.backbone.input_size
         self.config = R.resolved_config(self.model, self.input_size, _jsonable(asdict(self.opts)), self.weights_source)
         self.phases = self.method.phases(self.model, self.opts, lambda module: _optimizer(self.opts, module))
-        self.warmup = self.method.warmup_phase(self.model, self.opts, self.phases)
+        self.schedule = self.method.schedule(self.model, self.opts, self.phases)
 
         crop = self.opts.augment != "none"
         train_set = TorchSplit(self.data.train, self.input_size, augment=crop, flip=self.opts.augment == "crop+flip")
@@ -415,8 +423,9 @@ class Trainer:
         epoch = self.epoch
         start = time.perf_counter()
         losses, diagnostics, images, train_seconds = {}, {}, 0, 0.0
-        for phase in [self.warmup] if epoch < self.opts.warmup_epochs else self.phases:
-            lr = self.opts.lr * lr_factor(self.opts.schedule, epoch, self.opts.epochs)
+        stage = self.schedule(epoch)
+        for phase in stage.phases:
+            lr = self.opts.lr * lr_factor(self.opts.schedule, epoch - stage.start, stage.length)
             for group in phase.optimizer.param_groups:
                 group["lr"] = lr
             tick = time.perf_counter()

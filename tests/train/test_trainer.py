@@ -214,6 +214,26 @@ def test_warmup_trains_the_hashing_network_alone_first(data, tmp_path: Path) -> 
         _opts(mode="simultaneous", warmup_epochs=2).resolved()
 
 
+def test_refit_trains_the_hashing_network_alone_on_saliency_images_last(data, tmp_path: Path) -> None:
+    trainer = Trainer(_opts(refit_epochs=2, epochs=3), tmp_path, data=data, echo=lambda line: None,
+                      progress=io.StringIO())  # fmt: skip
+    trainer._epoch()
+    assert set(trainer.metrics[0]["loss"]) == {"attention", "hashing"}
+    att, hashing = _snapshot(trainer.model.attention), _snapshot(trainer.model.hashing)
+    trainer._epoch()
+    assert not _changed(att, trainer.model.attention) and _changed(hashing, trainer.model.hashing)
+    assert set(trainer.metrics[1]["loss"]) == {"refit"}
+    assert set(trainer.metrics[1]["loss"]["refit"]) == {"sem_sal", "reg_sal", "total"}
+    # the refit restarts the decay: its first epoch runs at the full rate, its second at half (cosine)
+    assert trainer.metrics[1]["lr"] == pytest.approx(trainer.opts.lr)
+    trainer._epoch()
+    assert trainer.metrics[2]["lr"] == pytest.approx(trainer.opts.lr / 2)
+    with pytest.raises(UserError, match="exceed epochs"):
+        _opts(warmup_epochs=2, refit_epochs=2, epochs=3).resolved()
+    with pytest.raises(UserError, match="saliency methods only"):
+        _opts(method="dpsh", refit_epochs=1).resolved()
+
+
 def test_eval_every_and_diagnostics(data, tmp_path: Path) -> None:
     metrics = _train(data, tmp_path, epochs=3, eval_every=2)
     assert ["map" in m for m in metrics] == [False, True, True]  # every 2nd, and always the last

@@ -40,6 +40,19 @@ class Phase:
     objective: Objective
 
 
+@dataclass(frozen=True)
+class Stage:
+    """What an epoch runs: its passes, and the epochs [start, start + length) over which the
+    learning-rate schedule decays (a stage that re-fits a network restarts it)."""
+
+    phases: list[Phase]
+    start: int
+    length: int
+
+
+Schedule = Callable[[int], Stage]  # 0-based epoch -> its stage
+
+
 @contextmanager
 def frozen(module: nn.Module | None) -> Iterator[None]:
     """No gradients for `module`'s parameters and eval mode (fixed BatchNorm statistics, no dropout)."""
@@ -100,9 +113,10 @@ class Method:
         """The passes of one epoch, in order, each with its own optimiser."""
         raise NotImplementedError
 
-    def warmup_phase(self, model: nn.Module, opts: TrainOptions, phases: list[Phase]) -> Phase | None:
-        """The pass of a warm-up epoch (`opts.warmup_epochs`), or None where the method has none."""
-        return None
+    def schedule(self, model: nn.Module, opts: TrainOptions, phases: list[Phase]) -> Schedule:
+        """Which passes each epoch runs; by default every phase, every epoch, one decay over the run."""
+        every = Stage(phases, 0, opts.epochs)
+        return lambda epoch: every
 
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,9 +19,9 @@ class DPSHMethod(Method):
     summary = "the DPSH baseline: the hashing network alone on DPSH's likelihood"
 
     def check(self, opts) -> None:
-        if opts.ablations or opts.mode != "iterative" or opts.warmup_epochs or opts.area:
-            raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs and "
-                            "--saliency-area apply to the saliency methods only")  # fmt: skip
+        if opts.ablations or opts.mode != "iterative" or opts.warmup_epochs or opts.refit_epochs or opts.area:
+            raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs, "
+                            "--refit-epochs and --saliency-area apply to the saliency methods only")  # fmt: skip
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
         return build_dpsh(backbone, bits, weights, method=self.name)

@@ -5,7 +5,8 @@ with the hashing network frozen (no gradients, eval mode so its BatchNorm statis
 are fixed; gradients still flow *through* it to the saliency image), then a pass updating the
 hashing network on Eq. 13 with the attention network frozen the same way. `simultaneous`: both
 networks in one pass on Eq. 18 (Table 3). `warmup_epochs` first trains the hashing network alone
-on the original images (lambda J_sem_ori + J_reg_ori). Table 4's ablations switch terms off.
+on the original images (lambda J_sem_ori + J_reg_ori); `refit_epochs` ends by training it alone on
+the saliency images of the frozen attention network (lambda J_sem_sal + J_reg_sal). Table 4's ablations switch terms off.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dsah_rt.errors import UserError
 from dsah_rt.train import losses as L
 from dsah_rt.train.models import DSaH, build_dsah
 
-from . import Method, Objective, OptimizerFactory, Phase, register_method, with_diagnostics
+from . import Method, Objective, OptimizerFactory, Phase, Schedule, Stage, register_method, with_diagnostics
 
 
 class DSaHMethod(Method):
@@ -38,8 +39,8 @@ class DSaHMethod(Method):
             raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
         if {"attention-no-sem", "attention-no-sal"} <= set(opts.ablations) and not opts.area:
             raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
-        if opts.warmup_epochs and opts.mode != "iterative":
-            raise UserError("--warmup-epochs applies to the iterative mode only")
+        if (opts.warmup_epochs or opts.refit_epochs) and opts.mode != "iterative":
+            raise UserError("--warmup-epochs and --refit-epochs apply to the iterative mode only")
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
         return build_dsah(backbone, bits, weights, method=self.name, **arch)
@@ -80,6 +81,14 @@ class DSaHMethod(Method):
                 terms["reg_ori"] = (1.0, L.quantization_loss(u))
             return with_diagnostics(L.weighted_total(terms), u, None, S, opts)
 
+        def refit(model: DSaH, x: torch.Tensor, S: torch.Tensor):
+            with torch.no_grad():
+                salmap, y = model.saliency(x)
+            u_sal = model.hashing(y)
+            return with_diagnostics(L.hashing_objective(
+                u_sal, u_sal, S, bits, lam=opts.lam, quantization=quantization, original=False, **common,
+            ), u_sal, None, S, opts, salmap)  # fmt: skip
+
         def joint(model: DSaH, x: torch.Tensor, S: torch.Tensor):
             u, u_sal, salmap = model(x)
             return with_diagnostics(L.simultaneous_objective(
@@ -87,7 +96,7 @@ class DSaHMethod(Method):
                 quantization=quantization, **common,
             ), u, u_sal, S, opts, salmap)  # fmt: skip
 
-        return {"attention": attention, "hashing": hashing, "warmup": warmup, "joint": joint}
+        return {"attention": attention, "hashing": hashing, "warmup": warmup, "refit": refit, "joint": joint}
 
     def phases(self, model: nn.Module, opts, optimizer: OptimizerFactory) -> list[Phase]:
         objectives = self.objectives(opts, model.hashing.bits)
@@ -98,12 +107,19 @@ class DSaHMethod(Method):
             Phase("hashing", model.hashing, model.attention, optimizer(model.hashing), objectives["hashing"]),
         ]  # fmt: skip
 
-    def warmup_phase(self, model: nn.Module, opts, phases: list[Phase]) -> Phase | None:
-        if not opts.warmup_epochs:
-            return None
-        hashing = next(p for p in phases if p.name == "hashing")  # steps the hashing phase's own optimiser
-        objective = self.objectives(opts, model.hashing.bits)["warmup"]
-        return Phase("warmup", model.hashing, model.attention, hashing.optimizer, objective)
+    def schedule(self, model: nn.Module, opts, phases: list[Phase]) -> Schedule:
+        """Warm-up epochs, then Algorithm 1 (or Eq. 18), then the refit epochs; warm-up and refit step
+        the hashing phase's own optimiser."""
+        every = Stage(phases, 0, opts.epochs)
+        if not (opts.warmup_epochs or opts.refit_epochs):
+            return lambda epoch: every
+        objectives = self.objectives(opts, model.hashing.bits)
+        optimizer = next(p for p in phases if p.name == "hashing").optimizer
+        alone = lambda name: Phase(name, model.hashing, model.attention, optimizer, objectives[name])  # noqa: E731
+        warmup = Stage([alone("warmup")], 0, opts.epochs)
+        refit_start = opts.epochs - opts.refit_epochs
+        refit = Stage([alone("refit")], refit_start, opts.refit_epochs)
+        return lambda epoch: warmup if epoch < opts.warmup_epochs else refit if epoch >= refit_start else every
 
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
