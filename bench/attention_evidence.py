@@ -4,11 +4,13 @@ replaced by the identity, at matched initialisation, on synthetic-fg's default o
     python -m dsah_rt.bench.attention_evidence --out bench/results [--seeds 0 1 2] [--bits 12 24 48]
 
 Rows, each trained from the same seed's hashing-network weights (matched initialisation):
-  dpsh      `dsah-rt train --method dpsh`
+  dpsh      `dsah-rt train --method dpsh --eta 0.01 --lr LR[bits]`: the baseline at the eta and
+            learning rate its validation split chose per code length (train-evidence.md, round 2)
   saliency  `dsah-rt train --method saliency-dpsh --warmup-epochs 10 --ablation attention-no-sal
-            --saliency-area 300`: the attention localises (bench/results/train-evidence.md, round 1b)
-  identity  the same configuration with y = x: every epoch is the hashing network's warm-up on the
-            original images (what Eq. 13 reduces to without an attention network); scored by Hash(x)
+            --saliency-area 300 --refit-epochs 20`: the attention localises (round 1b), then the
+            hashing network is fitted to the settled map (round 2)
+  identity  the same configuration plus `--ablation attention-identity` (Salmap = 1, y = x): the
+            same losses and schedule without an attention network; it scores Hash(x)
 MAP@all of the query split; "last 3" is the mean of the last three evaluations (every 4 epochs).
 Two runs at a time, one torch thread each: sized for the 2-core machine (about 45 minutes).
 """
@@ -30,27 +32,33 @@ from dsah_rt.omp import passive_openmp
 
 EPOCHS = 60
 EVAL_EVERY = 4
-SALIENCY = {"method": "saliency-dpsh", "warmup_epochs": 10, "ablations": ("attention-no-sal",), "area": 300.0}
+SALIENCY = {"method": "saliency-dpsh", "warmup_epochs": 10, "ablations": ("attention-no-sal",), "area": 300.0,
+            "refit_epochs": 20}  # fmt: skip
 ROWS = {
-    "dpsh": {"method": "dpsh"},
+    "dpsh": {"method": "dpsh", "eta": 0.01},
     "saliency": SALIENCY,
-    "identity": {**SALIENCY, "warmup_epochs": EPOCHS},
+    "identity": {**SALIENCY, "ablations": (*SALIENCY["ablations"], "attention-identity")},
 }
+# DPSH's learning rate per code length, chosen on the validation split (round 2, R2a)
+DPSH_LR = {12: 1e-3, 24: 3e-4, 48: 3e-4}
 
 
 def _run(job: tuple[str, int, int, int, dict[str, Any], str]) -> dict[str, Any]:
     row, seed, bits, epochs, data_options, scratch = job
     import torch
 
-    from dsah_rt.bench.train_evidence import hash_only_map
     from dsah_rt.hamming import set_threads
     from dsah_rt.train.data import load_dataset
-    from dsah_rt.train.trainer import TrainOptions, train
+    from dsah_rt.train.options import TrainOptions
+    from dsah_rt.train.trainer import train
 
     torch.set_num_threads(1)
     set_threads(1)
     data = load_dataset("synthetic-fg", seed=0, **data_options)
-    options = {**ROWS[row], "warmup_epochs": epochs} if row == "identity" else ROWS[row]
+    options = {**ROWS[row], "lr": DPSH_LR.get(bits)} if row == "dpsh" else dict(ROWS[row])
+    for stage in ("warmup_epochs", "refit_epochs"):  # the same shares of a shorter (--quick) budget
+        if stage in options:
+            options[stage] = round(options[stage] * epochs / EPOCHS)
     opts = TrainOptions(backbone="small", bits=bits, epochs=epochs, seed=seed, device="cpu", eval_every=EVAL_EVERY,
                         **options)  # fmt: skip
     run_dir = Path(scratch) / f"{row}-{bits}-{seed}"
@@ -62,8 +70,6 @@ def _run(job: tuple[str, int, int, int, dict[str, Any], str]) -> dict[str, Any]:
         "map_last3": float(np.mean([m["map"] for m in evaluated[-3:]])),
         "maps": [m["map"] for m in evaluated], "localisation": [m.get("localisation") for m in evaluated],
     }  # fmt: skip
-    if row == "identity":  # its deployed code is Hash(x): the attention network was never trained
-        record["map_last3"] = hash_only_map(run_dir, data, opts.input_size or 64)
     print(f"[{time.strftime('%H:%M:%S')}] {row} {bits} bits seed {seed}: MAP {record['map_last3']:.4f}"
           + (f", localisation {evaluated[-1]['localisation']:.2f}" if row == "saliency" else ""), flush=True)
     return record

@@ -39,7 +39,8 @@ def headroom(seeds: list[int], epochs: int, bits: int, grow: float, data_options
 
     from dsah_rt.hamming import set_threads
     from dsah_rt.train.data import RetrievalData, load_dataset
-    from dsah_rt.train.trainer import TrainOptions, train
+    from dsah_rt.train.options import TrainOptions
+    from dsah_rt.train.trainer import train
 
     torch.set_num_threads(1)
     set_threads(1)

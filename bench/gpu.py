@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from dsah_rt.atomic import write_json
-from dsah_rt.bench.engine import BY_NAME, cuda_unavailable_reason, torch_encoder, torch_step
+from dsah_rt.bench.backends import BY_NAME, cuda_unavailable_reason, torch_encoder, torch_step
 from dsah_rt.bench.timing import load, machine, measure, summarize
 
 BITS = 48
@@ -87,7 +87,7 @@ def build(backbone: str, size: int) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from dsah_rt.train.methods import build_model
-    from dsah_rt.train.run import resolved_config
+    from dsah_rt.train.run_dir import resolved_config
 
     torch.manual_seed(0)
     model = build_model("dsah", backbone, BITS, weights="none")

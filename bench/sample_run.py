@@ -18,7 +18,7 @@ import torch
 
 from dsah_rt.export.verify import scene_images
 from dsah_rt.train.methods import build_model
-from dsah_rt.train.run import capture_rng_states, resolved_config, save_checkpoint
+from dsah_rt.train.run_dir import capture_rng_states, resolved_config, save_checkpoint
 
 CALIBRATION_IMAGES = 64
 

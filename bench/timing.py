@@ -2,16 +2,16 @@
 
 `measure` warms up for a time (not a count), then runs until both a minimum duration and a
 minimum iteration count are reached, and keeps every per-iteration time. `summarize` reports
-min / mean / median / p90 / p95 / p99 / max; percentiles are nearest-rank (the ceil(p/100 * n)-th
-smallest sample, never interpolated), so every reported latency is one that really happened.
+min / mean / median / p90 / p95 / p99 / max; percentiles are `numpy.percentile(method="inverted_cdf")`,
+the nearest rank (the ceil(p/100 * n)-th smallest sample, never interpolated), so every reported
+latency is one that really happened.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,24 +52,25 @@ def measure(step: Step, warmup_ms: float, duration_s: float, min_iters: int) -> 
     return {name: np.asarray(values) for name, values in phases.items()}
 
 
-def nearest_rank(sorted_values: np.ndarray, p: float) -> float:
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return float(sorted_values[rank - 1])
+def nearest_rank(values: np.ndarray, p: float | Sequence[float] | np.ndarray) -> np.ndarray | float:
+    """The p-th percentile(s) of `values` as samples, never interpolated (in any order)."""
+    return np.percentile(np.asarray(values, dtype=np.float64), p, method="inverted_cdf")
 
 
 def summarize(samples: np.ndarray, unit: float = 1e3) -> dict[str, float]:
     """Latency statistics of `samples` (seconds), scaled by `unit` (default: milliseconds)."""
-    s = np.sort(np.asarray(samples, dtype=np.float64)) * unit
-    out = {"n": int(len(s)), "min": float(s[0]), "mean": float(s.mean()), "median": nearest_rank(s, 50)}
-    out.update({f"p{p}": nearest_rank(s, p) for p in PERCENTILES})
-    out["max"] = float(s[-1])
+    s = np.asarray(samples, dtype=np.float64) * unit
+    median, *tail = nearest_rank(s, [50, *PERCENTILES]).tolist()
+    out = {"n": int(len(s)), "min": float(s.min()), "mean": float(s.mean()), "median": median}
+    out.update({f"p{p}": value for p, value in zip(PERCENTILES, tail)})
+    out["max"] = float(s.max())
     return out
 
 
 def quantiles(samples: np.ndarray, points: int = 101, unit: float = 1e3) -> list[float]:
     """The distribution in `points` nearest-rank quantiles (0..100%): enough to plot it, small in JSON."""
-    s = np.sort(np.asarray(samples, dtype=np.float64)) * unit
-    return [round(nearest_rank(s, p), 5) for p in np.linspace(0, 100, points)]
+    s = np.asarray(samples, dtype=np.float64) * unit
+    return [round(q, 5) for q in nearest_rank(s, np.linspace(0, 100, points)).tolist()]
 
 
 def machine() -> dict[str, object]:

@@ -40,9 +40,11 @@ from dsah_rt.codes import binarize, pack
 from dsah_rt.hamming import set_threads
 from dsah_rt.train.data import RetrievalData, Split, load_dataset
 from dsah_rt.train.data.torch_dataset import TorchSplit
+from dsah_rt.train.evaluation import evaluate_keeping_threads
 from dsah_rt.train.losses import NORMS
-from dsah_rt.train.run import load_run
-from dsah_rt.train.trainer import TrainOptions, evaluate_keeping_threads, train
+from dsah_rt.train.options import TrainOptions
+from dsah_rt.train.run_dir import load_run
+from dsah_rt.train.trainer import train
 
 FG_OPTIONS = {"num_classes": 4}  # synthetic-fg's other options at their defaults (64x64, 100/30 per class, 2 decoys)
 VAL_PER_CLASS = 20
@@ -85,7 +87,7 @@ def hash_only_map(run_dir: Path, data: RetrievalData, size: int) -> float:
 
     bits = model.hashing.bits
     return evaluate_keeping_threads(codes(data.query), codes(data.database), data.query.labels,
-                                    data.database.labels, bits=bits)["map"]  # fmt: skip
+                                    data.database.labels, bits=bits).map  # fmt: skip
 
 
 class Runner:

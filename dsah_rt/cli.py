@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from dsah_rt.atomic import atomic_write, check_parent, write_json
-from dsah_rt.cli_options import backend_option
+from dsah_rt.cli_options import backend_option, zeros_option
 from dsah_rt.errors import UserError
 
 # name -> "module:attribute" of a click command defined with its stage.
@@ -25,7 +24,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "verify": "dsah_rt.export.cli:verify",
     "encode": "dsah_rt.cli_encode:encode",
     "bench": "dsah_rt.bench.cli:bench",
-    "demo": "dsah_rt.bench.main_job:demo",
+    "demo": "dsah_rt.bench.cli:demo",
 }
 
 
@@ -80,39 +79,33 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 @click.option("--topk", type=int, default=0, show_default=True, help="MAP@topk; 0 means the whole ranking.")
 @click.option("--radius", type=int, default=2, show_default=True, help="Hamming radius for precision/recall.")
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all metrics as JSON.")
+@zeros_option()
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all metrics as JSON (with a format key).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the precision-recall curve as PNG.")
-def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, threads, json_out, plot) -> None:
+def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, threads, zeros_as, json_out, plot) -> None:
     """MAP (index-order and tie-aware with bounds), precision/recall within a radius, P@k and PR curves."""
-    from dsah_rt.codes import read_codes, read_labels
     from dsah_rt.hamming import set_threads
-    from dsah_rt.metrics import evaluate
+    from dsah_rt.metrics import evaluate_files
 
     check_parent(json_out)
     check_parent(plot)
     set_threads(threads)
-    q = read_codes(query_codes, bits)
-    d = read_codes(db_codes, bits)
-    if q.bits != d.bits:
-        raise UserError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
-    ql = read_labels(query_labels, rows=len(q))
-    dl = read_labels(db_labels, rows=len(d))
-    res = evaluate(q.packed, d.packed, ql, dl, bits=q.bits, topk=topk, radius=radius)
+    res = evaluate_files(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, zeros_as)
     at = f"@{topk}" if topk else "@all"
     _print_table([
-        (f"MAP{at} (ties by index)", f"{res['map']:.6f}"),
-        ("MAP tie-aware [best, worst]", f"{res['map_tie_aware']:.6f} [{res['map_tie_best']:.6f}, {res['map_tie_worst']:.6f}]"),
-        (f"precision / recall r<={radius}", f"{res['precision_at_radius']:.6f} / {res['recall_at_radius']:.6f}"),
-        ("queries x database, bits", f"{res['queries']} x {res['database']}, {res['bits']}"),
-        ("queries without relevant", str(res["queries_without_relevant"])),
-        ("seconds", f"{res['seconds']:.4f}"),
+        (f"MAP{at} (ties by index)", f"{res.map:.6f}"),
+        ("MAP tie-aware [best, worst]", f"{res.map_tie_aware:.6f} [{res.map_tie_best:.6f}, {res.map_tie_worst:.6f}]"),
+        (f"precision / recall r<={radius}", f"{res.precision_at_radius:.6f} / {res.recall_at_radius:.6f}"),
+        ("queries x database, bits", f"{res.queries} x {res.database}, {res.bits}"),
+        ("queries without relevant", str(res.queries_without_relevant)),
+        ("seconds", f"{res.seconds:.4f}"),
     ])
     if json_out:
-        write_json(json_out, res)
+        write_json(json_out, res.to_dict())
     if plot:
         from dsah_rt.plots import plot_pr
 
-        plot_pr({"codes": res}, plot)
+        plot_pr({"codes": res.to_dict()}, plot)
 
 
 @main.command("search")
@@ -125,9 +118,10 @@ def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, rad
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
 @click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
+@zeros_option()
 @click.option("--out", type=click.Path(dir_okay=False), help="Result .npz: indices, distances, seconds (with --query-codes).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Ranked paths and distances as JSON (with --query).")
-def search_command(db_codes, index_path, query_codes, query_images, model_path, backend, k, bits, threads, out, json_out) -> None:
+def search_command(db_codes, index_path, query_codes, query_images, model_path, backend, k, bits, threads, zeros_as, out, json_out) -> None:
     """Top-k Hamming search; exact ones (--db-codes, exact index files) order ties by database index.
 
     Either --query-codes Q.npy against --db-codes D.npy or --index INDEX (writes --out R.npz), or
@@ -164,28 +158,63 @@ def search_command(db_codes, index_path, query_codes, query_images, model_path, 
     check_parent(out)
     from dsah_rt.query import search_codes
 
-    r = search_codes(query_codes, k, db_codes=db_codes, index=index_path, bits=bits)
+    r = search_codes(query_codes, k, db_codes=db_codes, index=index_path, bits=bits, zeros_as=zeros_as)
     atomic_write(out, lambda fh: np.savez(fh, indices=r.indices, distances=r.distances, seconds=np.float64(r.seconds)))
     click.echo(f"{len(r.indices)} queries x {r.database} codes, k={k}: {r.seconds:.4f} s -> {out}")
 
 
 @main.group("index")
 def index_group() -> None:
-    """Build search index files (exact or FAISS) for 'dsah-rt search --index'."""
+    """Build search index files (exact, MIH or FAISS) for 'dsah-rt search --index'."""
 
 
 @index_group.command("build")
 @click.argument("codes", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Index file to write.")
 @click.option("--faiss", "spec", default=None, help="FAISS binary factory string (BFlat, BIVF<nlist>, BHNSW<M>); default: the exact index.")
+@click.option("--mih", is_flag=True, help="Multi-index hashing: the exact index's results, sub-linear search on large databases.")
+@click.option("--substrings", type=int, default=None, help="With --mih: substrings per code (default: from the database size).")
 @click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
-def index_build(codes, out, spec, bits) -> None:
-    """Write CODES as an index file: the exact index (memory-mapped by search) or a FAISS one that
-    faiss.read_index_binary opens."""
+@zeros_option()
+def index_build(codes, out, spec, mih, substrings, bits, zeros_as) -> None:
+    """Write CODES as an index file: the exact index (memory-mapped by search), an MIH one (the same
+    results, tables memory-mapped too) or a FAISS one that faiss.read_index_binary opens."""
     from dsah_rt.index import write_index
 
-    index = write_index(codes, out, spec or "exact", bits)
+    if mih and spec:
+        raise UserError("give at most one of --faiss and --mih")
+    if substrings is not None and not mih:
+        raise UserError("--substrings needs --mih")
+    if mih:
+        spec = "MIH" if substrings is None else f"MIH{substrings}"
+    index = write_index(codes, out, spec or "exact", bits, zeros_as)
     click.echo(f"{index.ntotal} {index.bits}-bit codes -> {index.kind} index {out}")
+
+
+@main.group("codes")
+def codes_group() -> None:
+    """Codes files in other projects' layouts."""
+
+
+@codes_group.command("export")
+# One layout so far; naming it keeps a script's command line valid when another comes.
+@click.option("--layout", required=True, type=click.Choice(["deephash"]), help="deephash: DeepHash-pytorch's tst_/trn_ files.")
+@click.option("--query-codes", "-q", type=click.Path(dir_okay=False), help="Query codes -> tst_binary.npy (±1 float32).")
+@click.option("--db-codes", "-d", type=click.Path(dir_okay=False), help="Database codes -> trn_binary.npy (±1 float32).")
+@click.option("--query-labels", type=click.Path(dir_okay=False), help="Query labels -> tst_label.npy (one-hot int8).")
+@click.option("--db-labels", type=click.Path(dir_okay=False), help="Database labels -> trn_label.npy (one-hot int8).")
+@click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write into (created if missing).")
+def codes_export(layout, query_codes, db_codes, query_labels, db_labels, bits, out) -> None:
+    """Write codes and labels as DeepHash-pytorch saves them, for its CalcTopMap and pr_curve.
+
+    Class ids become one-hot rows over one class count for query and database; multi-hot labels stay
+    multi-hot (int64, as its list files give them).
+    """
+    from dsah_rt.deephash import export_deephash
+
+    for path in export_deephash(out, query_codes, db_codes, query_labels, db_labels, bits).values():
+        click.echo(f"wrote {path} ({layout} layout)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from dsah_rt.cli_options import backend_option
 from dsah_rt.errors import UserError
+from dsah_rt.progress import ProgressBar
 
 if TYPE_CHECKING:  # numpy and the runners load only when a command runs, not for --help
     from dsah_rt.runners.base import Runner
-
-
-def progress_printer(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """(update(done, total), close()) drawing a progress bar with images/s on stderr."""
-    state: dict[str, Any] = {}
-
-    def update(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = click.progressbar(
-                length=total, label=label, file=sys.stderr, show_pos=True, item_show_func=lambda rate: rate
-            ).__enter__()
-            state.update(start=time.perf_counter(), first=done, last=done)
-        elapsed = time.perf_counter() - state["start"]
-        rate = (done - state["first"]) / elapsed if elapsed > 0 else 0.0
-        state["bar"].update(done - state["last"], f"{rate:.1f} images/s")
-        state["last"] = done
-
-    def close() -> None:
-        if "bar" in state:
-            state.pop("bar").__exit__(None, None, None)
-
-    return update, close
 
 
 def check_input_size(runner: Runner, size: int | None) -> None:
@@ -64,7 +40,6 @@ def encode(images, out, model_path, backend, batch, workers, pool, threads, size
     from dsah_rt.runners import make_runner
 
     check_parent(out)
-    update, close = progress_printer("encoding")
     with make_runner(model_path, backend, threads=threads) as runner:
         check_input_size(runner, size)
         described = runner.describe()
@@ -72,13 +47,11 @@ def encode(images, out, model_path, backend, batch, workers, pool, threads, size
         click.echo(f"model: {runner.source} on {described['backend']} {where}", err=True)
         if runner.selection_note:
             click.echo(runner.selection_note, err=True)
-        try:
+        with ProgressBar("encoding") as bar:
             result = encode_folder(
                 images, out, runner, batch=batch, workers=workers, pool=pool, resume=resume, strict=strict,
-                progress=update, log=lambda m: click.echo(m, err=True),
+                progress=bar.update, log=lambda m: click.echo(m, err=True),
             )  # fmt: skip
-        finally:
-            close()
     for skip in result.skipped[:20]:
         click.echo(f"skipped {display_path(skip.path)}: {skip.reason}", err=True)
     if len(result.skipped) > 20:

@@ -30,3 +30,14 @@ def backend_option(model: str = "--model") -> Callable[[Callable[..., Any]], Cal
     """--backend: which registered runner runs `model` (the option or argument naming the model)."""
     help = f"Runner for {model}; auto: the fastest for its kind (onnx, engine, run) that starts here."
     return click.option("--backend", type=BackendChoice(), default="auto", show_default=True, help=help)
+
+
+def _sign(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def zeros_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--zeros-as: read ±1 codes files holding exact zeros (DeepHash-pytorch saves `torch.sign`'s output)."""
+    help = ("Read ±1 codes with exact zeros (torch.sign of a zero output, as DeepHash-pytorch saves them), "
+            "each zero as +1 or -1; without it such files are refused.")  # fmt: skip
+    return click.option("--zeros-as", type=click.Choice(["+1", "-1"]), default=None, callback=_sign, help=help)

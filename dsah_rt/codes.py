@@ -69,11 +69,15 @@ def _padding_mask(bits: int) -> int:
     return (1 << (8 * nbytes_for(bits) - bits)) - 1
 
 
-def to_packed(arr: np.ndarray, bits: int | None = None, where: str = "codes") -> tuple[np.ndarray, int]:
+def to_packed(
+    arr: np.ndarray, bits: int | None = None, where: str = "codes", zeros_as: int | None = None
+) -> tuple[np.ndarray, int]:
     """Accept packed uint8, ±1 (int8/float) or 0/1 (bool/int/float) codes; return (packed, bits).
 
     uint8 is read as packed unless `bits` says the row is one value per bit; without `bits` a packed
-    row of B bytes is taken as 8*B bits (as FAISS does).
+    row of B bytes is taken as 8*B bits (as FAISS does). `zeros_as` (+1 or -1) reads ±1 codes that
+    hold exact zeros, as `torch.sign` leaves them (DeepHash-pytorch's saved codes); without it they
+    are refused, since a zero is neither bit.
     """
     arr = np.asarray(arr)
     if arr.ndim != 2:
@@ -101,12 +105,25 @@ def to_packed(arr: np.ndarray, bits: int | None = None, where: str = "codes") ->
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise CodesError(f"{where}: codes contain NaN or infinity")
     values = np.unique(arr)
+    if zeros_as is not None:
+        return _signs_with_zeros(arr, values, zeros_as, where), k
     if set(values.tolist()) <= {0, 1}:
         return pack(arr), k
     if set(values.tolist()) <= {-1, 1}:
         return pack(arr > 0), k
     shown = ", ".join(str(v) for v in values[:4])
     raise CodesError(f"{where}: values must be all 0/1 or all ±1, found {shown}{'...' if len(values) > 4 else ''}")
+
+
+def _signs_with_zeros(arr: np.ndarray, values: np.ndarray, zeros_as: int, where: str) -> np.ndarray:
+    if zeros_as not in (1, -1):
+        raise CodesError(f"{where}: zeros can be read as +1 or -1, not {zeros_as!r}")
+    found = set(values.tolist())
+    # Without a -1 the file reads as 0/1 codes; mapping their zeros would turn every row into ones.
+    if not found <= {-1, 0, 1} or -1 not in found:
+        shown = ", ".join(str(v) for v in values[:4])
+        raise CodesError(f"{where}: --zeros-as reads ±1 codes with zeros (-1, 0, +1), found {shown}")
+    return pack(arr >= 0 if zeros_as == 1 else arr > 0)
 
 
 @dataclass
@@ -175,8 +192,11 @@ def _load_npy(path: Path) -> np.ndarray:
         raise CodesError(f"{path}: not a readable .npy array ({exc})") from None
 
 
-def read_codes(path: str | os.PathLike[str], bits: int | None = None) -> Codes:
-    """Read codes in any accepted form; the manifest (if present) supplies bits, rows and model."""
+def read_codes(path: str | os.PathLike[str], bits: int | None = None, zeros_as: int | None = None) -> Codes:
+    """Read codes in any accepted form; the manifest (if present) supplies bits, rows and model.
+
+    `zeros_as` (+1 or -1): ±1 codes with exact zeros are read with the zeros as that sign (`to_packed`).
+    """
     path = Path(path)
     arr = _load_npy(path)
     mpath = manifest_path(path)
@@ -192,7 +212,7 @@ def read_codes(path: str | os.PathLike[str], bits: int | None = None) -> Codes:
         bits = mbits if bits is None else bits
         if manifest.get("sha256") not in (None, _sha256(arr)):
             raise CodesError(f"{mpath}: manifest does not belong to {path.name} (hash differs)")
-    packed, k = to_packed(arr, bits, where=str(path))
+    packed, k = to_packed(arr, bits, where=str(path), zeros_as=zeros_as)
     rows = manifest.get("rows")
     if rows is not None and len(rows) != len(packed):
         raise CodesError(f"{mpath}: {len(rows)} rows listed for {len(packed)} codes")

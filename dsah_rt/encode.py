@@ -8,9 +8,9 @@
   `prefetch` chunks are in flight, so the image data held stays bounded however large the
   folder (what grows is under 1 KB per file: its path, code and state), and the main thread
   runs inference on one chunk while the workers decode the next ones. Threads are the default:
-  Pillow releases the GIL while decoding and resizing, and on the 2-core machine threads
-  decoded 1,381 images/s against 1,006 for processes, which pay for start-up and for pickling
-  every batch (bench/encode_bench.py measures both; README, "Measured").
+  Pillow releases the GIL while decoding and resizing, and threads measured faster than
+  processes, which pay for start-up and for pickling every batch (bench/encode_bench.py measures
+  both; README, "Measured (export and encode)").
 * Progress is saved to the folder `codes.npy.partial` (each file in it atomically, every
   `checkpoint_seconds` and on any error or Ctrl-C). `resume=True` reuses every finished file
   whose size and mtime are unchanged and encodes the rest; the result equals an uninterrupted

@@ -14,13 +14,16 @@ Conventions (stated once, used by the CLI, the trainer and the benchmarks alike)
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from dsah_rt import hamming
-from dsah_rt.codes import to_packed
+from dsah_rt.codes import read_codes, read_labels, to_packed
 from dsah_rt.errors import CodesError
 
 
@@ -41,6 +44,39 @@ def _check_labels(qlab: np.ndarray, dblab: np.ndarray, nq: int, ndb: int) -> Non
         raise CodesError(f"query labels {qlab.shape} and database labels {dblab.shape} are of different kinds")
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` measures; `to_dict()` is what `dsah-rt eval --json` writes, key for key.
+
+    The curves are plain lists (JSON-ready): `pr_curve` {"radius", "precision", "recall"} over radius
+    0..bits, `precision_at_k` {"k", "precision"} and `recall_at_k` {"k", "recall"} over the grid.
+    """
+
+    FORMAT: ClassVar[str] = "dsah-rt-eval/1"
+
+    map: float
+    map_tie_aware: float
+    map_tie_best: float
+    map_tie_worst: float
+    precision_at_radius: float
+    recall_at_radius: float
+    radius: int
+    queries_empty_at_radius: int
+    queries: int
+    database: int
+    bits: int
+    topk: int
+    queries_without_relevant: int
+    seconds: float
+    pr_curve: dict[str, list[float]]
+    precision_at_k: dict[str, list[float]]
+    recall_at_k: dict[str, list[float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, led by its format key so a reader can tell the layout's version."""
+        return {"format": self.FORMAT, **dataclasses.asdict(self)}
+
+
 def evaluate(
     query_codes: np.ndarray,
     db_codes: np.ndarray,
@@ -50,7 +86,7 @@ def evaluate(
     topk: int | None = None,
     radius: int = 2,
     grid: np.ndarray | None = None,
-) -> dict[str, Any]:
+) -> Evaluation:
     """All retrieval metrics in one pass pair over the database. Codes: packed uint8, ±1 or 0/1."""
     qp, k = to_packed(query_codes, bits, where="query codes")
     dp, kdb = to_packed(db_codes, bits if bits is not None else k, where="database codes")
@@ -82,26 +118,46 @@ def evaluate(
         precision_r = np.where(cum_all > 0, cum_rel / cum_all, 0.0)  # (Q, k+1)
         recall_r = np.where(relevant[:, None] > 0, cum_rel / relevant[:, None], 0.0)
         recall_k = np.where(relevant[:, None] > 0, at_grid / relevant[:, None], 0.0)
-    return {
-        "map": float(ap.mean()),
-        "map_tie_aware": float(tie_mean.mean()),
-        "map_tie_best": float(tie_best.mean()),
-        "map_tie_worst": float(tie_worst.mean()),
-        "precision_at_radius": float(precision_r[:, radius].mean()),
-        "recall_at_radius": float(recall_r[:, radius].mean()),
-        "radius": radius,
-        "queries_empty_at_radius": int((cum_all[:, radius] == 0).sum()),
-        "queries": len(qp),
-        "database": len(dp),
-        "bits": k,
-        "topk": topk or 0,
-        "queries_without_relevant": int(((found if topk else relevant) == 0).sum()),
-        "seconds": seconds,
-        "pr_curve": {
+    return Evaluation(
+        map=float(ap.mean()),
+        map_tie_aware=float(tie_mean.mean()),
+        map_tie_best=float(tie_best.mean()),
+        map_tie_worst=float(tie_worst.mean()),
+        precision_at_radius=float(precision_r[:, radius].mean()),
+        recall_at_radius=float(recall_r[:, radius].mean()),
+        radius=radius,
+        queries_empty_at_radius=int((cum_all[:, radius] == 0).sum()),
+        queries=len(qp),
+        database=len(dp),
+        bits=k,
+        topk=topk or 0,
+        queries_without_relevant=int(((found if topk else relevant) == 0).sum()),
+        seconds=seconds,
+        pr_curve={
             "radius": list(range(k + 1)),
             "precision": precision_r.mean(axis=0).tolist(),
             "recall": recall_r.mean(axis=0).tolist(),
         },
-        "precision_at_k": {"k": grid.tolist(), "precision": (at_grid / grid).mean(axis=0).tolist()},
-        "recall_at_k": {"k": grid.tolist(), "recall": recall_k.mean(axis=0).tolist()},
-    }
+        precision_at_k={"k": grid.tolist(), "precision": (at_grid / grid).mean(axis=0).tolist()},
+        recall_at_k={"k": grid.tolist(), "recall": recall_k.mean(axis=0).tolist()},
+    )
+
+
+def evaluate_files(
+    query_codes: str | os.PathLike[str],
+    db_codes: str | os.PathLike[str],
+    query_labels: str | os.PathLike[str],
+    db_labels: str | os.PathLike[str],
+    bits: int | None = None,
+    topk: int | None = None,
+    radius: int = 2,
+    zeros_as: str | None = None,
+) -> Evaluation:
+    """`dsah-rt eval`: `evaluate` on codes and labels files (`zeros_as` as for `read_codes`)."""
+    q = read_codes(query_codes, bits, zeros_as=zeros_as)
+    d = read_codes(db_codes, bits, zeros_as=zeros_as)
+    if q.bits != d.bits:
+        raise CodesError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
+    ql = read_labels(query_labels, rows=len(q))
+    dl = read_labels(db_labels, rows=len(d))
+    return evaluate(q.packed, d.packed, ql, dl, bits=q.bits, topk=topk, radius=radius)

@@ -41,19 +41,23 @@ def search_codes(
     db_codes: str | os.PathLike[str] | None = None,
     index: str | os.PathLike[str] | None = None,
     bits: int | None = None,
+    zeros_as: int | None = None,
 ) -> CodesSearch:
-    """Top-k for the codes in `query_codes`, against a codes file (exact search) or a saved index of any kind."""
+    """Top-k for the codes in `query_codes`, against a codes file (exact search) or a saved index of any kind.
+
+    `zeros_as` (+1 or -1) reads ±1 codes files that hold exact zeros (`read_codes`).
+    """
     if (db_codes is None) == (index is None):
         raise UserError("give exactly one of --db-codes and --index")
     if index is not None:
         source, db = index, load_index(index, mmap=True)
-        q = read_codes(query_codes, bits)
+        q = read_codes(query_codes, bits, zeros_as=zeros_as)
         # Bytes, not bits: a FAISS file records only bytes per code, and padding bits are zero.
         if nbytes_for(q.bits) != nbytes_for(db.bits):
             raise CodesError(f"{query_codes} has {q.bits}-bit codes but {index} holds {db.bits}-bit codes")
     else:
-        source, d = db_codes, read_codes(db_codes, bits)
-        q = read_codes(query_codes, d.bits if bits is None else bits)
+        source, d = db_codes, read_codes(db_codes, bits, zeros_as=zeros_as)
+        q = read_codes(query_codes, d.bits if bits is None else bits, zeros_as=zeros_as)
         if q.bits != d.bits:
             raise CodesError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
         db = build_index(d.packed, "exact", d.bits)

@@ -31,7 +31,7 @@ class ModelFromRun:
         self.device = device
 
     def __call__(self) -> tuple[nn.Module, dict[str, Any], str]:
-        from dsah_rt.train.run import load_run, resolve_run_dir, state_fingerprint
+        from dsah_rt.train.run_dir import load_run, resolve_run_dir, state_fingerprint
 
         model, config = load_run(resolve_run_dir(self.run_dir, self.bits), device=self.device)
         return model, config, state_fingerprint(model.state_dict())

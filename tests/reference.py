@@ -24,6 +24,15 @@ def ranking(dist_row: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(dist_row)), dist_row))
 
 
+def range_search(q01: np.ndarray, db01: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every code within distance <= radius of each query, by (distance, index), in FAISS's range layout."""
+    dist = distances(q01, db01)
+    hits = [order[row[order] <= radius] for row, order in ((row, ranking(row)) for row in dist)]
+    lims = np.concatenate([[0], np.cumsum([len(h) for h in hits])])
+    indices = np.concatenate(hits) if hits else np.zeros(0, np.int64)
+    return lims, dist[np.repeat(np.arange(len(q01)), np.diff(lims)), indices], indices
+
+
 def average_precision(rel_in_order: np.ndarray, topk: int | None = None) -> float:
     """AP over a ranked 0/1 list; with topk, normalised by the relevant items inside the top k."""
     rel = np.asarray(rel_in_order, dtype=bool)

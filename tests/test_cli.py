@@ -11,20 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 import reference as ref
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, random_eval_files
 from dsah_rt.cli import main
-from dsah_rt.codes import pack, write_codes
 
 
 @pytest.fixture
 def files(tmp_path):
-    rng = np.random.default_rng(0)
-    q01 = rng.integers(0, 2, (6, 12), dtype=np.uint8)
-    db01 = rng.integers(0, 2, (50, 12), dtype=np.uint8)
-    write_codes(tmp_path / "q.npy", pack(q01), 12)
-    write_codes(tmp_path / "db.npy", pack(db01), 12, rows=[f"img{i}.jpg" for i in range(50)])
-    np.save(tmp_path / "ql.npy", rng.integers(0, 3, 6))
-    np.save(tmp_path / "dl.npy", rng.integers(0, 3, 50))
+    q01, db01 = random_eval_files(tmp_path, seed=0, queries=6, database=50, bits=12)
     np.save(tmp_path / "pm1.npy", q01.astype(np.int8) * 2 - 1)  # ±1 form, no manifest
     return tmp_path, q01, db01
 
@@ -106,3 +99,25 @@ def test_help_is_fast_and_imports_no_torch():
     assert out.stdout.strip() == "False"
     res = subprocess.run([sys.executable, "-m", "dsah_rt.cli", "--help"], capture_output=True, text=True, check=True)
     assert "eval" in res.stdout and "search" in res.stdout
+
+
+def test_help_of_the_group_and_of_every_command_imports_no_heavy_package():
+    """`--help` is answered from click alone: numpy, numba, torch and onnxruntime load only when a command runs."""
+    code = """
+import json, sys
+import click
+from dsah_rt.cli import main
+for args in [[], *([name] for name in main.list_commands(click.Context(main)))]:
+    try:
+        main([*args, "--help"], prog_name="dsah-rt")
+    except SystemExit:
+        pass
+    heavy = [m for m in ("numpy", "numba", "torch", "onnxruntime") if m in sys.modules]
+    if heavy:  # the first one to load them: later commands would be blamed for its imports
+        print(json.dumps({" ".join(args) or "(the group)": heavy}))
+        break
+else:
+    print(json.dumps({}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == {}

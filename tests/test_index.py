@@ -23,7 +23,7 @@ from dsah_rt.index import KINDS, BinaryIndex, Index, build_index, index_factory,
 faiss = pytest.importorskip("faiss", reason="the FAISS kind and the bit-order checks need faiss-cpu")
 
 # Example specs of every registered kind; a kind added without examples fails the first test.
-SPECS = {"exact": ["exact"], "faiss": ["BFlat", "BIVF4", "BHNSW8"]}
+SPECS = {"exact": ["exact"], "mih": ["MIH", "MIH3"], "faiss": ["BFlat", "BIVF4", "BHNSW8"]}
 ALL_SPECS = [spec for specs in SPECS.values() for spec in specs]
 FAISS_LENGTHS = [12, 24, 48, 64, 100]
 few = settings(max_examples=25)
@@ -36,14 +36,6 @@ def _build(spec: str, db01: np.ndarray, bits: int) -> Index:
     else:
         index.add(pack(np.concatenate([db01] * 4)))
     return index
-
-
-def _ref_range(q01, db01, radius):
-    dist = ref.distances(q01, db01)
-    hits = [order[row[order] <= radius] for row, order in ((row, ref.ranking(row)) for row in dist)]
-    lims = np.concatenate([[0], np.cumsum([len(h) for h in hits])])
-    indices = np.concatenate(hits) if hits else np.zeros(0, np.int64)
-    return lims, dist[np.repeat(np.arange(len(q01)), np.diff(lims)), indices], indices
 
 
 def _assert_true_distances(q01, db01, D, I):
@@ -142,7 +134,7 @@ def test_range_search_matches_reference(spec, case, data):
     # A radius some code sits at exactly, so an off-by-one in "distance <= radius" shows.
     radius = data.draw(st.sampled_from([*np.unique(ref.distances(q01, db01)).tolist(), bits + 5]))
     lims, D, I = index.range_search(pack(q01), radius)
-    rl, rd, ri = _ref_range(q01, db_all, radius)
+    rl, rd, ri = ref.range_search(q01, db_all, radius)
     assert lims.dtype == I.dtype == np.int64 and D.dtype == np.int32
     if spec == "BIVF4":  # searches one of four lists: a subset, in (distance, index) order
         for i in range(len(q01)):

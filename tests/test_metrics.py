@@ -22,14 +22,14 @@ def test_evaluate_matches_references(case, topk, radius):
     res = evaluate(pack(q01), pack(db01), qlab, dblab, bits=k, topk=topk, radius=radius)
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
     ranked = [rel[i][ref.ranking(dist[i])] for i in range(len(q01))]
-    ref.assert_close(res["map"], np.mean([ref.average_precision(r, topk or None) for r in ranked]))
-    ref.assert_close(res["map_tie_aware"], np.mean([ref.tie_aware_formula(dist[i], rel[i]) for i in range(len(q01))]), 1e-10)
-    ref.assert_close(res["precision_at_radius"], np.mean([ref.precision_within(dist[i], rel[i], radius) for i in range(len(q01))]))
+    ref.assert_close(res.map, np.mean([ref.average_precision(r, topk or None) for r in ranked]))
+    ref.assert_close(res.map_tie_aware, np.mean([ref.tie_aware_formula(dist[i], rel[i]) for i in range(len(q01))]), 1e-10)
+    ref.assert_close(res.precision_at_radius, np.mean([ref.precision_within(dist[i], rel[i], radius) for i in range(len(q01))]))
     no_rel = [not r[: topk or None].any() for r in ranked]
-    assert res["queries_without_relevant"] == sum(no_rel)
-    for kk, p in zip(res["precision_at_k"]["k"], res["precision_at_k"]["precision"]):
+    assert res.queries_without_relevant == sum(no_rel)
+    for kk, p in zip(res.precision_at_k["k"], res.precision_at_k["precision"]):
         ref.assert_close(p, np.mean([ref.precision_at(r, kk) for r in ranked]))
-    assert res["queries"] == len(q01) and res["database"] == len(db01) and res["bits"] == k
+    assert res.queries == len(q01) and res.database == len(db01) and res.bits == k
 
 
 def test_codebase_numpy_map_agrees_with_stable_sort_and_shows_the_known_defects():
@@ -40,14 +40,14 @@ def test_codebase_numpy_map_agrees_with_stable_sort_and_shows_the_known_defects(
     qlab, dblab = rng.integers(0, 5, nq), rng.integers(0, 5, ndb)
     onehot = np.eye(5)
     q_pm1, db_pm1 = q01 * 2.0 - 1, db01 * 2.0 - 1
-    ours = evaluate(pack(q01), pack(db01), qlab, dblab, bits=k)["map"]
+    ours = evaluate(pack(q01), pack(db01), qlab, dblab, bits=k).map
     stable = numpy_map(q_pm1, db_pm1, onehot[qlab], onehot[dblab], kind="stable")
     assert abs(ours - stable) <= 1e-12
     # The codebases' quicksort orders ties arbitrarily; topk=-1 slicing drops the last item.
     quick = numpy_map(q_pm1, db_pm1, onehot[qlab], onehot[dblab], kind="quicksort")
     dropped = numpy_map(q_pm1, db_pm1, onehot[qlab], onehot[dblab], kind="stable", topk=-1)
     assert quick != stable or dropped != stable
-    ours_top = evaluate(pack(q01), pack(db01), qlab, dblab, bits=k, topk=100)["map"]
+    ours_top = evaluate(pack(q01), pack(db01), qlab, dblab, bits=k, topk=100).map
     assert abs(ours_top - numpy_map(q_pm1, db_pm1, onehot[qlab], onehot[dblab], kind="stable", topk=100)) <= 1e-12
 
 
@@ -55,8 +55,8 @@ def test_query_without_relevant_item_counts_as_zero():
     q01 = np.zeros((2, 8), np.uint8)
     db01 = np.zeros((3, 8), np.uint8)
     res = evaluate(pack(q01), pack(db01), np.array([0, 9]), np.array([0, 1, 0]), bits=8)
-    assert res["queries_without_relevant"] == 1
-    ref.assert_close(res["map"], (np.mean([1, 2 / 3]) + 0.0) / 2)
+    assert res.queries_without_relevant == 1
+    ref.assert_close(res.map, (np.mean([1, 2 / 3]) + 0.0) / 2)
 
 
 @pytest.mark.parametrize(

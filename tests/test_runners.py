@@ -142,7 +142,7 @@ def test_a_runner_loads_nothing_until_activated_and_opens_one_session(model, mon
 def test_the_torch_reference_reads_its_checkpoint_once(model, monkeypatch):
     import torch
 
-    from dsah_rt.train.run import run_fingerprint
+    from dsah_rt.train.run_dir import run_fingerprint
 
     run = model[0]
     expected = run_fingerprint(run)  # an independent read of the checkpoint file

@@ -4,6 +4,9 @@ commands, so `dsah-rt --help` does not pay for them."""
 from __future__ import annotations
 
 import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +88,10 @@ def parse_option(text: str) -> tuple[str, Any]:
               help="Weight of the saliency map's mean area in Eq. 14, so the map pays for what it keeps "
                    "(a departure; 0 is the paper).")
 @click.option("--ablation", "ablations", multiple=True,
-              type=click.Choice(["hash-sal", "hash-no-ori", "attention-no-sem", "attention-no-sal", "no-quantization"]),
-              help="Table 4 switches (repeatable); hash-no-ori trains the hashing network on saliency images only.")
+              type=click.Choice(["hash-sal", "hash-no-ori", "attention-no-sem", "attention-no-sal", "no-quantization",
+                                 "attention-identity"]),
+              help="Table 4 switches (repeatable); hash-no-ori trains the hashing network on saliency images only; "
+                   "attention-identity is the control Salmap = 1 (y = x) under the same losses and schedule.")
 @click.option("--augment", type=click.Choice(["none", "crop", "crop+flip"]), default="none", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -102,8 +107,9 @@ def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -
 
     from dsah_rt.encode import display_path
     from dsah_rt.train.data import load_dataset
-    from dsah_rt.train.run import sub_run_dir
-    from dsah_rt.train.trainer import TrainOptions, train as train_run
+    from dsah_rt.train.run_dir import sub_run_dir
+    from dsah_rt.train.options import TrainOptions
+    from dsah_rt.train.trainer import train as train_run
 
     if threads is not None:
         if threads < 1:
@@ -121,8 +127,26 @@ def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -
         click.echo(f"... and {len(dataset.skipped) - SHOWN_SKIPS} more skipped files", err=True)
     for opts in runs:
         run_dir = sub_run_dir(out, opts.bits, bits)
-        metrics = train_run(opts, run_dir, data=dataset, resume=resume, echo=lambda line: click.echo(line, err=True))
+        with _interrupt_keeps_last_epoch(run_dir):
+            metrics = train_run(opts, run_dir, data=dataset, resume=resume, echo=lambda line: click.echo(line, err=True))
         click.echo(f"{run_dir}: {opts.bits} bits, {len(metrics)} epochs, MAP {metrics[-1]['map']:.4f}")
+
+
+@contextmanager
+def _interrupt_keeps_last_epoch(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C and SIGTERM (a scheduler's kill) end a run the same way: every finished epoch is
+    already checkpointed atomically, so say how to continue instead of printing a traceback."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        from dsah_rt.train.run_dir import CHECKPOINT
+
+        kept = "its last finished epoch is saved: add --resume to continue" if (Path(run_dir) / CHECKPOINT).exists() \
+            else "no epoch had finished, so nothing was written"
+        raise UserError(f"{run_dir}: interrupted; {kept}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("saliency")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsah_rt.errors import UserError
-from dsah_rt.train.backbones import Backbone, build_backbone, convolutionalize_vgg_head
+from dsah_rt.train.backbones import Backbone, build_backbone
+from dsah_rt.train.backbones.vgg import convolutionalize_vgg_head
 
 Weights = str | os.PathLike | None
 
@@ -189,14 +190,18 @@ def _config(method: str, backbone: Backbone, bits: int, **extra: Any) -> dict[st
 class DSaH(nn.Module):
     """The attention/hashing pair. Each network has its own backbone, as in the paper."""
 
-    def __init__(self, attention: AttentionNet, hashing: HashNet, method: str = "dsah") -> None:
+    def __init__(self, attention: AttentionNet, hashing: HashNet, method: str = "dsah", identity_map: bool = False) -> None:
         super().__init__()
         self.attention = attention
         self.hashing = hashing
         self.method = method  # the registered training method, as config.json and the export record it
+        # The control of an attention experiment: Salmap = 1, y = x, with everything else unchanged.
+        self.identity_map = identity_map
 
     def saliency(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Salmap, y): the Eq. 3 map in [0, 1] (N, 1, H, W) and the Eq. 4 saliency image."""
+        if self.identity_map:
+            return torch.ones_like(x[:, :1]), x
         salmap = minmax_normalize(self.attention(x))
         return salmap, saliency_image(salmap, x)
 
@@ -215,6 +220,7 @@ class DSaH(nn.Module):
             self.hashing.backbone,
             self.hashing.bits,
             fc_channels=self.attention.fc_channels,
+            identity_map=self.identity_map,
         )
 
 
@@ -237,7 +243,8 @@ class DPSH(nn.Module):
 
 
 def build_dsah(
-    backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None, method: str = "dsah"
+    backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None, method: str = "dsah",
+    identity_map: bool = False,
 ) -> DSaH:
     """DSaH on `backbone`: two independent backbone instances, both loaded with `weights`.
 
@@ -246,7 +253,7 @@ def build_dsah(
     """
     hashing = HashNet(build_backbone(backbone, weights), bits)
     attention = AttentionNet(build_backbone(backbone, weights), fc_channels=fc_channels)
-    return DSaH(attention, hashing, method)
+    return DSaH(attention, hashing, method, identity_map)
 
 
 def build_dpsh(backbone: str, bits: int, weights: Weights = "imagenet", method: str = "dpsh") -> DPSH:

@@ -23,8 +23,8 @@ from dsah_rt.errors import DataError, UserError
 from dsah_rt.images import ImageSkip, Skip, decode, resize, scan
 from dsah_rt.train.methods import get_method
 from dsah_rt.train.models import DSaH
-from dsah_rt.train.run import load_run
-from dsah_rt.train.trainer import resolve_device
+from dsah_rt.train.options import resolve_device
+from dsah_rt.train.run_dir import load_run
 
 # Anchors of a jet-like colormap (blue -> cyan -> yellow -> red), evenly spaced on [0, 1].
 _COLORMAP = np.array(

@@ -8,6 +8,9 @@ A runner turns uint8 RGB images [N, 3, S, S] into packed codes uint8 [N, ceil(k/
 `activate()` acquires the session or engine, `deactivate()` releases it, `describe()` says what
 actually runs (backend, providers in use, precision, bits, input size). Every backend checks its
 input the same way here, so a wrong size or dtype fails with the same message everywhere.
+
+The runner modules import numpy (and the codes module) only where arrays are handled: the
+`--backend` choices in every command's `--help` come from registering them, which must stay fast.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dsah_rt import __version__
-from dsah_rt.codes import nbytes_for
 from dsah_rt.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MODEL_FORMAT = "dsah-rt-model/1"
 META_PREFIX = "dsah_rt."
@@ -50,6 +53,8 @@ class ModelInfo:
 
     @property
     def nbytes(self) -> int:
+        from dsah_rt.codes import nbytes_for
+
         return nbytes_for(self.bits)
 
     def to_metadata(self) -> dict[str, str]:
@@ -170,6 +175,8 @@ class Runner(ABC):
         return codes, u
 
     def _batched(self, images: np.ndarray, with_u: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        import numpy as np
+
         if not self.is_active:
             raise RuntimeError(f"{type(self).__name__} is not active: call activate() or use it in a with block")
         images = self.check_images(images)
@@ -182,6 +189,8 @@ class Runner(ABC):
         return codes, u
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         s = self.info.input_size
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
             raise ModelError(f"images must be a uint8 numpy array, got {getattr(images, 'dtype', type(images))}")

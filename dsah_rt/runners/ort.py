@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from dsah_rt.runners.base import ModelError, ModelInfo, Runner
 from dsah_rt.runners.registry import Backend, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",

@@ -18,13 +18,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from dsah_rt.runners.base import ModelError, ModelInfo, Runner
 from dsah_rt.runners.ort import read_onnx_info
 from dsah_rt.runners.registry import Backend, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ENGINE_FORMAT = "dsah-rt-engine/1"
 TRT_MAJOR = 10
@@ -143,6 +144,8 @@ def check_engine_io(trt: Any, engine: Any, info: ModelInfo, where: str) -> int:
 
     The batch dimension may be dynamic (-1, bounded by optimisation profile 0) or fixed.
     """
+    import numpy as np
+
     s = info.input_size
     expected = {
         "images": (trt.TensorIOMode.INPUT, np.dtype(np.uint8), (3, s, s)),
@@ -252,6 +255,8 @@ class TrtRunner(Runner):
         self._context = self._loaded = None
 
     def _run(self, images: np.ndarray, with_u: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        import numpy as np
+
         cudart = _cudart()
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         n = len(images)

@@ -6,14 +6,15 @@ import tempfile
 
 import pytest
 
-from dsah_rt.bench.attention_evidence import ROWS, _run, table
+from dsah_rt.bench.attention_evidence import DPSH_LR, ROWS, _run, table
 
 
-def test_identity_row_is_the_saliency_row_without_attention_steps() -> None:
+def test_identity_row_is_the_saliency_row_with_the_attention_replaced() -> None:
     saliency, identity = ROWS["saliency"], ROWS["identity"]
-    drop = lambda row: {k: v for k, v in row.items() if k != "warmup_epochs"}  # noqa: E731
-    assert drop(identity) == drop(saliency) and saliency["warmup_epochs"] < identity["warmup_epochs"]
-    assert saliency["method"] == "saliency-dpsh" and ROWS["dpsh"] == {"method": "dpsh"}
+    drop = lambda row: {k: v for k, v in row.items() if k != "ablations"}  # noqa: E731
+    assert drop(identity) == drop(saliency) and saliency["method"] == "saliency-dpsh"
+    assert set(identity["ablations"]) - set(saliency["ablations"]) == {"attention-identity"}
+    assert ROWS["dpsh"]["method"] == "dpsh" and set(DPSH_LR) == {12, 24, 48}
 
 
 def test_table_reports_every_seed_and_the_mean() -> None:

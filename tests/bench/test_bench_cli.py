@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from dsah_fixtures import BITS
 
-from dsah_rt.bench.engine import BACKENDS
+from dsah_rt.bench.backends import BACKENDS
 from dsah_rt.cli import main
 
 FAST = ["--batch-sizes", "1,2", "--warmup-ms", "5", "--duration-s", "0.02", "--min-iters", "3", "--threads", "1"]
@@ -25,6 +25,7 @@ def test_default_model_every_backend_and_every_output(tmp_path):
                        "--json", str(out), "--md", str(md), "--plots", str(plots))  # fmt: skip
     assert code == 0, text
     report = json.loads(out.read_text())
+    assert report["format"] == "dsah-rt-bench/1" and list(report)[0] == "format"
     assert {"date", "machine", "versions", "settings", "model", "conventions", "encoding", "retrieval"} <= set(report)
     assert "randomly initialised" in report["model"]["description"]
     by_name = {r["backend"]: r for r in report["encoding"]}

@@ -1,10 +1,12 @@
-"""The trtexec-style timing helpers: nearest-rank percentiles and the duration / iteration stop rule."""
+"""The trtexec-style timing helpers: nearest-rank percentiles (numpy's inverted_cdf) and the stop rule."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
+import pytest
 
 from dsah_rt.bench.timing import measure, nearest_rank, quantiles, summarize
 
@@ -15,6 +17,23 @@ def test_nearest_rank_is_a_sample_never_interpolated():
     assert nearest_rank(values, 90) == 9.0
     assert nearest_rank(values, 99) == 10.0
     assert nearest_rank(values, 0) == 1.0
+
+
+def hand_nearest_rank(values: np.ndarray, p: float) -> float:
+    """The definition written out: the ceil(p/100 n)-th smallest value (the first for p = 0)."""
+    ordered = sorted(values.tolist())
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 99, 100, 101, 1000])
+def test_nearest_rank_equals_the_definition(n):
+    values = np.random.default_rng(n).exponential(size=n)
+    points = [0, 1, 5, 10, 25, 33.3, 50, 66.7, 90, 95, 99, 99.9, 100, *np.linspace(0, 100, 101).tolist()]
+    for p in points:
+        assert nearest_rank(values, p) == hand_nearest_rank(values, p), (n, p)
+    stats = summarize(values, unit=1.0)
+    assert [stats[k] for k in ("median", "p90", "p95", "p99")] == [hand_nearest_rank(values, p) for p in (50, 90, 95, 99)]
+    assert quantiles(values, unit=1.0) == [round(hand_nearest_rank(values, p), 5) for p in np.linspace(0, 100, 101)]
 
 
 def test_summarize_in_milliseconds():

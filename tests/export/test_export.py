@@ -19,7 +19,7 @@ from dsah_rt.export.pipeline import export_run
 from dsah_rt.export.verify import TOLERANCES, VerifyError, check_onnx_graph, scene_images, verify_model
 from dsah_rt.runners import make_runner
 from dsah_rt.runners.base import ModelInfo
-from dsah_rt.train.run import load_run, run_fingerprint
+from dsah_rt.train.run_dir import load_run, run_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -264,6 +264,47 @@ def test_cifar_default_protocol_is_the_papers(tmp_path):
     assert np.array_equal(same.query.images, data.query.images)
 
 
+# DeepHash-pytorch's utils/tools.py `cifar_dataset`, its comments: test (query) / train / database sizes,
+# and how its database is put together from the per-class draws.
+DEEPHASH_SPLITS = {
+    "cifar10": ((1000, 5000, 54000), "rest"),
+    "cifar10-1": ((1000, 5000, 59000), "train+rest"),
+    "cifar10-2": ((10000, 50000, 50000), "train"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEEPHASH_SPLITS))
+def test_deephash_protocol_names_on_full_size_labels(name):
+    from dsah_rt.train.data.cifar10 import PROTOCOLS
+    from dsah_rt.train.data.protocol import sample_indices
+
+    (n_query, n_train, n_database), database_is = DEEPHASH_SPLITS[name]
+    labels = np.repeat(np.arange(10), 6000)  # CIFAR-10: 10 classes x 6000 images
+    train, query, database = sample_indices(labels, PROTOCOLS[name], seed=0, where="cifar")
+    assert (len(query), len(train), len(database)) == (n_query, n_train, n_database)
+    assert np.bincount(labels[query]).tolist() == [n_query // 10] * 10  # drawn per class, as theirs
+    assert np.bincount(labels[train]).tolist() == [n_train // 10] * 10
+    assert not np.intersect1d(query, train).size and not np.intersect1d(query, database).size
+    rest = np.setdiff1d(np.arange(60000), np.union1d(query, train))
+    expected = {"rest": rest, "train+rest": np.union1d(train, rest), "train": train}[database_is]
+    np.testing.assert_array_equal(database, expected)
+
+
+def test_deephash_protocol_names_load_a_cifar_folder(tmp_path):
+    write_cifar(tmp_path)  # 60 images, 6 per class: the per-class counts scaled down
+    scaled = dict(query_per_class=1, train_per_class=2)
+    for name, in_database in (("cifar10", False), ("cifar10-1", True)):
+        data = load_dataset(f"cifar10:{tmp_path}", protocol=name, **scaled)
+        tags = {k: {tuple(img[0, 0, :2]) for img in getattr(data, k).images} for k in ("train", "query", "database")}
+        assert (len(data.query), len(data.train), len(data.database)) == (10, 20, 50 if in_database else 30)
+        assert (tags["train"] <= tags["database"]) == in_database and not tags["query"] & tags["database"]
+    data = load_dataset(f"cifar10:{tmp_path}", protocol="cifar10-2", query_per_class=1, train_per_class=5)
+    assert (len(data.query), len(data.train)) == (10, 50) and data.database is data.train
+    # Drawn from all the images, not the official split: test_batch (tag 5) images in train, others in query.
+    assert 5 in {int(img[0, 0, 0]) for img in data.train.images}
+    assert {int(img[0, 0, 0]) for img in data.query.images} - {5}
+
+
 def python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
     """A batch pickled byte for byte as Python 2's cPickle wrote CIFAR-10: str keys and
     buffers as BINSTRING, numpy referenced as numpy.core.multiarray."""

@@ -10,12 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsah_rt.train import losses as L
+from dsah_rt.train.losses import (
+    NORMS, attention_objective, dpsh_loss, hashing_objective, quantization_loss, saliency_loss, semantic_loss, similarity,
+    simultaneous_objective,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BITS = st.sampled_from([12, 24, 48])
-NORMS = st.sampled_from(L.NORMS)
+ANY_NORM = st.sampled_from(NORMS)
 POWER = {"abs": 1, "square": 2}  # the exponent of |S_ij - estimate| in J_sem for each norm
 
 
@@ -90,7 +93,7 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def _S(labels: torch.Tensor) -> torch.Tensor:
-    return L.similarity(labels, labels).double()
+    return similarity(labels, labels).double()
 
 
 # ------------------------------------------------------------------------------------- values
@@ -100,7 +103,7 @@ def _S(labels: torch.Tensor) -> torch.Tensor:
 @given(batches())
 def test_similarity_matches_definition(batch) -> None:
     _, _, labels, _ = batch
-    got = L.similarity(labels, labels)
+    got = similarity(labels, labels)
     assert got.dtype == torch.float32
     assert got.tolist() == ref_similarity(labels.tolist(), labels.tolist())
 
@@ -109,23 +112,23 @@ def test_similarity_rectangular_and_unlabelled() -> None:
     a = torch.tensor([[1, 0, 0], [0, 0, 0]])
     b = torch.tensor([[1, 1, 0], [0, 0, 1], [0, 0, 0]])
     # an image with no label shares none, not even with another unlabelled image
-    assert L.similarity(a, b).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert similarity(a, b).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     with pytest.raises(ValueError):
-        L.similarity(torch.tensor([0, 1]), torch.tensor([[1, 0]]))
+        similarity(torch.tensor([0, 1]), torch.tensor([[1, 0]]))
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches(), NORMS)
+@given(batches(), ANY_NORM)
 def test_semantic_loss(batch, norm) -> None:
     u, _, labels, k = batch
     S = _S(labels)
-    got = L.semantic_loss(u, S, k, norm).item()
+    got = semantic_loss(u, S, k, norm).item()
     assert got == pytest.approx(ref_semantic(u.tolist(), S.tolist(), k, norm), rel=1e-9, abs=1e-9)
 
 
 def test_semantic_loss_rejects_unknown_norm() -> None:
     with pytest.raises(ValueError, match="norm"):
-        L.semantic_loss(torch.zeros(2, 12), torch.eye(2), 12, "l1")
+        semantic_loss(torch.zeros(2, 12), torch.eye(2), 12, "l1")
 
 
 @settings(max_examples=60, deadline=None)
@@ -134,7 +137,7 @@ def test_saliency_loss(batch, units, margin) -> None:
     u, u_sal, labels, k = batch
     S = _S(labels)
     m = k / 4 if margin is None else margin
-    got = L.saliency_loss(u, u_sal, S, k, margin=margin, units=units).item()
+    got = saliency_loss(u, u_sal, S, k, margin=margin, units=units).item()
     assert got == pytest.approx(ref_saliency(u.tolist(), u_sal.tolist(), S.tolist(), k, m, units), rel=1e-9, abs=1e-9)
 
 
@@ -142,12 +145,12 @@ def test_saliency_loss(batch, units, margin) -> None:
 @given(batches())
 def test_quantization_loss(batch) -> None:
     u, _, _, _ = batch
-    assert L.quantization_loss(u).item() == pytest.approx(ref_quantization(u.tolist()), rel=1e-12, abs=1e-12)
+    assert quantization_loss(u).item() == pytest.approx(ref_quantization(u.tolist()), rel=1e-12, abs=1e-12)
 
 
 def test_quantization_treats_zero_as_plus_one() -> None:
     u = torch.tensor([[0.0, -0.0, 1.0, -1.0]])
-    assert L.quantization_loss(u).item() == 2.0  # both zeros sit 1 away from b = +1
+    assert quantization_loss(u).item() == 2.0  # both zeros sit 1 away from b = +1
 
 
 @settings(max_examples=60, deadline=None)
@@ -155,15 +158,15 @@ def test_quantization_treats_zero_as_plus_one() -> None:
 def test_dpsh_loss(batch, eta) -> None:
     u, _, labels, _ = batch
     S = _S(labels)
-    got = L.dpsh_loss(u, S, eta).item()
+    got = dpsh_loss(u, S, eta).item()
     assert got == pytest.approx(ref_dpsh(u.tolist(), S.tolist(), eta), rel=1e-9, abs=1e-9)
 
 
 def test_dpsh_loss_is_finite_for_huge_inner_products() -> None:
     u = torch.full((2, 48), 40.0)  # theta = 48 * 1600 / 2: exp overflows, softplus does not
     S = torch.zeros(2, 2)
-    assert torch.isfinite(L.dpsh_loss(u, S, 0.0))
-    assert L.dpsh_loss(u, S, 0.0).item() == pytest.approx(48 * 1600 / 2)
+    assert torch.isfinite(dpsh_loss(u, S, 0.0))
+    assert dpsh_loss(u, S, 0.0).item() == pytest.approx(48 * 1600 / 2)
 
 
 def test_saliency_hinge_switches_off_in_bit_units_only() -> None:
@@ -171,18 +174,18 @@ def test_saliency_hinge_switches_off_in_bit_units_only() -> None:
     S = torch.ones(2, 2)  # a similar pair
     u = torch.tensor([[1.0] * k, [-1.0] * k])  # original codes as wrong as possible: d = 1
     u_sal = torch.ones(2, k)  # saliency codes exactly right: d' = 0
-    assert L.saliency_loss(u, u_sal, S, k, units="bits").item() == 0.0  # k/4 - k < 0
+    assert saliency_loss(u, u_sal, S, k, units="bits").item() == 0.0  # k/4 - k < 0
     # in unit distances the default margin k/4 = 3 exceeds any d - d', so the hinge stays on
-    assert L.saliency_loss(u, u_sal, S, k, units="unit").item() == pytest.approx(k / 4 - 1)
+    assert saliency_loss(u, u_sal, S, k, units="unit").item() == pytest.approx(k / 4 - 1)
     with pytest.raises(ValueError):
-        L.saliency_loss(u, u_sal, S, k, units="hamming")
+        saliency_loss(u, u_sal, S, k, units="hamming")
 
 
 # ---------------------------------------------------------------------------------- objectives
 
 
 @settings(max_examples=30, deadline=None)
-@given(batches(), st.sampled_from(["bits", "unit"]), NORMS)
+@given(batches(), st.sampled_from(["bits", "unit"]), ANY_NORM)
 def test_objectives_combine_the_paper_terms(batch, units, norm) -> None:
     u, u_sal, labels, k = batch
     S = _S(labels)
@@ -192,15 +195,15 @@ def test_objectives_combine_the_paper_terms(batch, units, norm) -> None:
     reg_ori, reg_sal = ref_quantization(ul), ref_quantization(usl)
     approx = lambda x: pytest.approx(x, rel=1e-9, abs=1e-9)  # noqa: E731
 
-    total, terms = L.hashing_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 13
+    total, terms = hashing_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 13
     assert total.item() == approx(30 * (sem_ori + sem_sal) + reg_ori + reg_sal)
     expected = {"sem_ori": sem_ori, "sem_sal": sem_sal, "reg_ori": reg_ori, "reg_sal": reg_sal, "total": total.item()}
     assert terms == approx(expected)
-    total, _ = L.hashing_objective(u, u_sal, S, k, units=units, norm=norm, saliency=True, semantic_sal=False,
+    total, _ = hashing_objective(u, u_sal, S, k, units=units, norm=norm, saliency=True, semantic_sal=False,
                                    quantization=False)  # fmt: skip
     assert total.item() == approx(30 * sem_ori + 40 * sal)
 
-    total, terms = L.attention_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 14
+    total, terms = attention_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 14
     assert total.item() == approx(40 * sal + 30 * sem_sal + reg_sal)
     assert set(terms) == {"sal", "sem_sal", "reg_sal", "total"}
     for switch, expected_total in [
@@ -208,12 +211,12 @@ def test_objectives_combine_the_paper_terms(batch, units, norm) -> None:
         ({"saliency": False}, 30 * sem_sal + reg_sal),  # Table 4: attention trained with J_sem only
         ({"quantization": False}, 40 * sal + 30 * sem_sal),
     ]:
-        got = L.attention_objective(u, u_sal, S, k, units=units, norm=norm, **switch)[0].item()
+        got = attention_objective(u, u_sal, S, k, units=units, norm=norm, **switch)[0].item()
         assert got == approx(expected_total)
 
-    total, _ = L.simultaneous_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 18
+    total, _ = simultaneous_objective(u, u_sal, S, k, units=units, norm=norm)  # Eq. 18
     assert total.item() == approx(60 * (sem_ori + sem_sal) + 0.01 * sal + reg_ori + reg_sal)
-    total, _ = L.simultaneous_objective(u, u_sal, S, k, units=units, norm=norm, saliency=False,
+    total, _ = simultaneous_objective(u, u_sal, S, k, units=units, norm=norm, saliency=False,
                                         quantization=False)  # fmt: skip
     assert total.item() == approx(60 * (sem_ori + sem_sal))
 
@@ -221,7 +224,7 @@ def test_objectives_combine_the_paper_terms(batch, units, norm) -> None:
 def test_attention_objective_needs_a_term() -> None:
     u = torch.zeros(2, 12)
     with pytest.raises(ValueError):
-        L.attention_objective(u, u, torch.eye(2), 12, semantic=False, saliency=False, quantization=False)
+        attention_objective(u, u, torch.eye(2), 12, semantic=False, saliency=False, quantization=False)
 
 
 # ----------------------------------------------------------------------------------- gradients
@@ -261,7 +264,7 @@ def _gradient_case(seed: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Te
     gen = torch.Generator().manual_seed(seed)
     n, k = 2 + seed, [12, 24, 48][seed % 3]
     labels = torch.randint(0, 3, (n,), generator=gen)
-    S = L.similarity(labels, labels).double()
+    S = similarity(labels, labels).double()
     # wide original codes against narrow saliency codes: d - d' lands on both sides of the margin
     u0 = 2 * torch.randn(n, k, generator=gen, dtype=torch.float64)
     us0 = 0.5 * torch.randn(n, k, generator=gen, dtype=torch.float64)
@@ -280,13 +283,13 @@ def test_gradient_cases_cover_both_sides_of_the_hinge() -> None:
     assert states == {True, False}
 
 
-@pytest.mark.parametrize("norm", L.NORMS)
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("seed", GRADIENT_SEEDS)
 def test_gradients_match_the_pair_loop(seed: int, norm: str) -> None:
     S, k, u0, us0 = _gradient_case(seed)
     grads = []
     for objective in (
-        lambda u, us: L.attention_objective(u, us, S, k, norm=norm)[0] + L.dpsh_loss(u, S, 0.5),
+        lambda u, us: attention_objective(u, us, S, k, norm=norm)[0] + dpsh_loss(u, S, 0.5),
         lambda u, us: _loop_objective(u, us, S, k, 0.5, norm),
     ):
         u, us = u0.clone().requires_grad_(), us0.clone().requires_grad_()

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from dsah_rt.errors import UserError
-from dsah_rt.train import losses as L
-from dsah_rt.train import run as R
 from dsah_rt.train.cli import method_names
 from dsah_rt.train.data import load_dataset
+from dsah_rt.train.losses import dpsh_loss, semantic_loss, similarity
 from dsah_rt.train.methods import METHODS, Phase, get_method, model_from_config, with_diagnostics
 from dsah_rt.train.methods.dpsh import DPSHMethod
-from dsah_rt.train.trainer import TrainOptions, train
+from dsah_rt.train.options import TrainOptions
+from dsah_rt.train.run_dir import load_run
+from dsah_rt.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,7 +51,7 @@ def test_a_method_is_one_registration(tmp_path: Path, monkeypatch) -> None:
     opts = TrainOptions(method="test-squared", bits=8, input_size=32, batch_size=8, epochs=1, device="cpu")
     metrics = train(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
     assert set(metrics[0]["loss"]["hashing"]) == {"squared", "total"}
-    model, config = R.load_run(tmp_path)
+    model, config = load_run(tmp_path)
     assert config["method"] == "test-squared" and type(model_from_config(config)).__name__ == "DPSH"
 
 
@@ -63,11 +64,11 @@ def test_saliency_dpsh_uses_the_likelihood_everywhere(tmp_path: Path) -> None:
     opts = TrainOptions(method="saliency-dpsh", bits=8, input_size=32, batch_size=8, epochs=1, device="cpu")
     metrics = train(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
     assert "localisation" in metrics[0]
-    _, config = R.load_run(tmp_path)
+    _, config = load_run(tmp_path)
     assert config["method"] == "saliency-dpsh"
-    u, S = torch.randn(6, 8, dtype=torch.float64), L.similarity(torch.tensor([0, 0, 1, 1, 2, 2]),
+    u, S = torch.randn(6, 8, dtype=torch.float64), similarity(torch.tensor([0, 0, 1, 1, 2, 2]),
                                                                   torch.tensor([0, 0, 1, 1, 2, 2]))  # fmt: skip
-    assert L.semantic_loss(u, S, 8, "likelihood") == pytest.approx(float(L.dpsh_loss(u, S, 0.0)))
+    assert semantic_loss(u, S, 8, "likelihood") == pytest.approx(float(dpsh_loss(u, S, 0.0)))
 
 
 def test_precision_scopes_must_exist() -> None:

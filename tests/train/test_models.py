@@ -175,7 +175,7 @@ def test_vgg16_fc_layers_become_the_fcn_convolutions() -> None:
         torch.nn.Linear(pool5 * 49, width), torch.nn.ReLU(), torch.nn.Dropout(0.5),
         torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Dropout(0.5),
     ).eval()  # fmt: skip
-    from dsah_rt.train.backbones import convolutionalize_vgg_head
+    from dsah_rt.train.backbones.vgg import convolutionalize_vgg_head
 
     fc = convolutionalize_vgg_head(head).eval()
     c5 = torch.randn(2, pool5, 7, 7)

@@ -105,7 +105,8 @@ def test_exported_codes_equal_the_trainers_query_codes(folder: Path, tmp_path: P
     """Train 1 epoch at 64 px on 80 px files, export, encode the files: the trainer's own codes back."""
     from dsah_rt.export.pipeline import export_run
     from dsah_rt.runners import make_runner
-    from dsah_rt.train.trainer import TrainOptions, train
+    from dsah_rt.train.options import TrainOptions
+    from dsah_rt.train.trainer import train
 
     options = {"query_per_class": QUERY_PER_CLASS}
     opts = TrainOptions(data=f"imagefolder:{folder}", data_options=options, backbone="small", input_size=INPUT,

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from dsah_rt.errors import UserError
-from dsah_rt.train import run as R
 from dsah_rt.train.data import RetrievalData, load_dataset
-from dsah_rt.train.trainer import METHODS, Trainer, TrainOptions, train
+from dsah_rt.train.methods import METHODS
+from dsah_rt.train.options import TrainOptions
+from dsah_rt.train.run_dir import CHECKPOINT, load_checkpoint, run_fingerprint
+from dsah_rt.train.trainer import Trainer, train
 
 from test_data_formats import idx_bytes
 
@@ -90,12 +92,12 @@ def test_a_diverging_run_names_the_term_and_keeps_the_last_good_checkpoint(tmp_p
     opts = TrainOptions(method="dpsh", bits=12, input_size=32, batch_size=16, epochs=2, device="cpu", optimizer="sgd")
     trainer = Trainer(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
     trainer._epoch()
-    good = R.run_fingerprint(tmp_path)
+    good = run_fingerprint(tmp_path)
     trainer.opts.lr = 1e12  # epoch 2 takes an absurd step
     with pytest.raises(UserError, match=r"epoch 2/2 hashing: the loss is not finite: dpsh = (nan|inf)") as err:
         trainer.fit()
     assert "\n" not in str(err.value) and f"the checkpoint of epoch 1 is kept in {tmp_path}" in str(err.value)
-    assert R.run_fingerprint(tmp_path) == good and R.load_checkpoint(tmp_path)["epoch"] == 1
+    assert run_fingerprint(tmp_path) == good and load_checkpoint(tmp_path)["epoch"] == 1
 
 
 def test_a_run_diverging_in_its_first_epoch_writes_nothing(tmp_path: Path) -> None:
@@ -104,4 +106,4 @@ def test_a_run_diverging_in_its_first_epoch_writes_nothing(tmp_path: Path) -> No
                         optimizer="sgd", lr=1e12)  # fmt: skip
     with pytest.raises(UserError, match="nothing was written"):
         train(opts, tmp_path / "run", data=data, echo=lambda line: None, progress=io.StringIO())
-    assert not (tmp_path / "run" / R.CHECKPOINT).exists()
+    assert not (tmp_path / "run" / CHECKPOINT).exists()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dsah_rt.cli import main
-from dsah_rt.train import run as R
+from dsah_rt.train.run_dir import CHECKPOINT, load_checkpoint, load_run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,7 +55,7 @@ def test_train_writes_sub_runs(dsah_run: Path) -> None:
         assert config["bits"] == bits and config["weights_source"] == "none (random init)"
         assert config["training"]["data_options"] == {"num_classes": 3, "image_size": 32, "train_per_class": 4,
                                                       "query_per_class": 2}  # fmt: skip
-    assert R.load_run(dsah_run, bits=16)[1]["bits"] == 16
+    assert load_run(dsah_run, bits=16)[1]["bits"] == 16
 
 
 def test_train_resume_continues(tmp_path: Path) -> None:
@@ -90,6 +95,31 @@ def test_train_errors_are_one_line(tmp_path: Path) -> None:
     _one_line_error(_invoke("train", *TINY, "--data-option", "oops", "--out", str(tmp_path / "x")), "key=value")
     _one_line_error(_invoke("train", *TINY, "--backbone", "resnet", "--out", str(tmp_path / "x")), "resnet")
     _one_line_error(_invoke("train", *TINY, "--weights", "imagenet", "--out", str(tmp_path / "x")), "small")
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (("--bits", "2000"), "at most 1024"), (("--input-size", "0"), "at least 32"), (("--lr", "nan"), "lr"),
+    (("--weight-decay", "-1"), "weight_decay"), (("--refit-epochs", "9"), "exceed epochs"),
+])  # fmt: skip
+def test_bad_options_are_refused_before_any_epoch(tmp_path: Path, option: tuple[str, str], fragment: str) -> None:
+    _one_line_error(_invoke("train", *TINY, "--epochs", "1", *option, "--out", str(tmp_path / "x")), fragment)
+    assert not (tmp_path / "x").exists()
+
+
+def test_sigterm_ends_a_run_like_ctrl_c_keeping_its_last_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("dsah-rt")), "train", *TINY, "--epochs", "500", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"Error: {out}: interrupted; its last finished epoch is saved: add --resume to continue"
+    epochs = load_checkpoint(out)["epoch"]
+    assert 1 <= epochs < 500
 
 
 def _images(folder: Path, corrupt: bool) -> Path:

@@ -14,9 +14,11 @@ import torch
 from dsah_rt.codes import read_codes, read_labels
 from dsah_rt.errors import UserError
 from dsah_rt.metrics import evaluate
-from dsah_rt.train import run as R
 from dsah_rt.train.data import load_dataset
-from dsah_rt.train.trainer import Trainer, TrainOptions, localisation, lr_factor, train
+from dsah_rt.train.evaluation import localisation
+from dsah_rt.train.options import TrainOptions
+from dsah_rt.train.run_dir import CONFIG, METRICS, load_checkpoint, load_run, run_fingerprint
+from dsah_rt.train.trainer import Trainer, lr_factor, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -46,7 +48,7 @@ def test_same_seed_same_run(data, tmp_path: Path) -> None:
     a = _train(data, tmp_path / "a")
     b = _train(data, tmp_path / "b")
     c = _train(data, tmp_path / "c", seed=1)
-    assert R.run_fingerprint(tmp_path / "a") == R.run_fingerprint(tmp_path / "b") != R.run_fingerprint(tmp_path / "c")
+    assert run_fingerprint(tmp_path / "a") == run_fingerprint(tmp_path / "b") != run_fingerprint(tmp_path / "c")
     assert _without_timing(a) == _without_timing(b)
 
 
@@ -57,9 +59,9 @@ def test_resume_equals_uninterrupted(data, tmp_path: Path, mode: str) -> None:
     whole = _train(data, tmp_path / "whole", **kw)
     _train(data, tmp_path / "split", epochs=1, **kw)
     resumed = _train(data, tmp_path / "split", resume=True, **kw)
-    assert R.run_fingerprint(tmp_path / "whole") == R.run_fingerprint(tmp_path / "split")
+    assert run_fingerprint(tmp_path / "whole") == run_fingerprint(tmp_path / "split")
     assert _without_timing(resumed) == _without_timing(whole)
-    a, b = R.load_checkpoint(tmp_path / "whole"), R.load_checkpoint(tmp_path / "split")
+    a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "split")
     assert a["epoch"] == b["epoch"] == 2
     for name in a["optimizers"]:
         for pa, pb in zip(a["optimizers"][name]["state"].values(), b["optimizers"][name]["state"].values()):
@@ -125,25 +127,25 @@ def test_simultaneous_and_ablations_build_the_right_losses(data, tmp_path: Path)
 
 def test_dpsh_outputs_and_logged_map(data, tmp_path: Path) -> None:
     metrics = _train(data, tmp_path, method="dpsh", epochs=1, augment="none")
-    logged = json.loads((tmp_path / R.METRICS).read_text())
+    logged = json.loads((tmp_path / METRICS).read_text())
     assert logged == json.loads(json.dumps(metrics))
     entry = logged[0]
     assert entry["epoch"] == 1 and set(entry["loss"]) == {"hashing"} and "localisation" not in entry
     assert entry["images_per_s"] > 0 and entry["train_bits_flipped"] is None
-    config = json.loads((tmp_path / R.CONFIG).read_text())
+    config = json.loads((tmp_path / CONFIG).read_text())
     assert config["method"] == "dpsh" and config["input_size"] == 32 and config["training"]["lr"] == 1e-3
     q, d = read_codes(tmp_path / "query_codes.npy"), read_codes(tmp_path / "db_codes.npy")
     assert q.bits == d.bits == 8 and len(q) == 6 and len(d) == 18
-    assert q.model["fingerprint"] == R.run_fingerprint(tmp_path)
+    assert q.model["fingerprint"] == run_fingerprint(tmp_path)
     ql = read_labels(tmp_path / "query_labels.npy", rows=len(q))
     dl = read_labels(tmp_path / "db_labels.npy", rows=len(d))
-    assert evaluate(q.packed, d.packed, ql, dl, bits=q.bits)["map"] == entry["map"]
+    assert evaluate(q.packed, d.packed, ql, dl, bits=q.bits).map == entry["map"]
     # The saved model reproduces the saved codes.
-    model, _ = R.load_run(tmp_path)
+    model, _ = load_run(tmp_path)
     from dsah_rt.train.methods import get_method
-    from dsah_rt.train.trainer import _eval_loader, encode_split
+    from dsah_rt.train.evaluation import encode_split, eval_loader
 
-    codes, _ = encode_split(model, get_method("dpsh"), _eval_loader(data.query, 32, False), torch.device("cpu"))
+    codes, _ = encode_split(model, get_method("dpsh"), eval_loader(data.query, 32, False), torch.device("cpu"))
     assert np.array_equal(codes, q.packed)
 
 
@@ -232,6 +234,19 @@ def test_refit_trains_the_hashing_network_alone_on_saliency_images_last(data, tm
         _opts(warmup_epochs=2, refit_epochs=2, epochs=3).resolved()
     with pytest.raises(UserError, match="saliency methods only"):
         _opts(method="dpsh", refit_epochs=1).resolved()
+
+
+def test_attention_identity_is_hash_of_x_under_the_same_schedule(data, tmp_path: Path) -> None:
+    trainer = Trainer(_opts(ablations=("attention-identity",), refit_epochs=1), tmp_path, data=data,
+                      echo=lambda line: None, progress=io.StringIO())  # fmt: skip
+    att = _snapshot(trainer.model.attention)
+    trainer.fit()
+    assert [set(m["loss"]) for m in trainer.metrics] == [{"hashing"}, {"refit"}]
+    assert not _changed(att, trainer.model.attention)
+    x = torch.rand(3, 3, 32, 32)
+    model, _ = load_run(tmp_path)
+    model.eval()
+    assert model.identity_map and torch.equal(model.encode(x), model.hashing(x))
 
 
 def test_eval_every_and_diagnostics(data, tmp_path: Path) -> None:

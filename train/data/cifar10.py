@@ -29,7 +29,14 @@ PROTOCOLS = {
     # The variant where the database leaves out the train images.
     "1000/5000/54000": Sampled(100, 500, train_in_database=False),
     "10000/50000": OFFICIAL,
+    # 1,000 query and 5,000 train per class drawn from all 60,000 images (not the official test
+    # batch); the database is the train set.
+    "10000/50000/50000": Sampled(1000, 5000, train_in_database=True),
 }
+# DeepHash-pytorch's names for its splits (utils/tools.py, `cifar_dataset`), so that a MAP measured
+# here is comparable with one of theirs. Their `cifar10` is not this format's default protocol.
+DEEPHASH_PROTOCOLS = {"cifar10": "1000/5000/54000", "cifar10-1": "1000/5000/59000", "cifar10-2": "10000/50000/50000"}
+PROTOCOLS.update({name: PROTOCOLS[ours] for name, ours in DEEPHASH_PROTOCOLS.items()})
 DEFAULT_PROTOCOL = "1000/5000/59000"
 
 # Only what numpy needs to rebuild an array (and what Python 3 writes for bytes at protocol 2):
@@ -110,7 +117,8 @@ def load_cifar10(
     train_per_class: int | None = None,
     train_in_database: bool | None = None,
 ) -> RetrievalData:
-    """`protocol` is one of PROTOCOLS; the per-class options override a sampled one's numbers."""
+    """`protocol` is one of PROTOCOLS (DeepHash-pytorch's cifar10, cifar10-1 and cifar10-2 among them);
+    the per-class options override a sampled one's numbers."""
     chosen = resolve_protocol(
         protocol, PROTOCOLS, f"{root}", query_per_class=query_per_class,
         train_per_class=train_per_class, train_in_database=train_in_database,

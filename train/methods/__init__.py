@@ -22,7 +22,7 @@ from torch import nn
 from dsah_rt.errors import UserError
 
 if TYPE_CHECKING:
-    from dsah_rt.train.trainer import TrainOptions
+    from dsah_rt.train.options import TrainOptions
 
 # (model, images, S) -> (loss, its unweighted terms and "total", diagnostics: |u|, d/d', hinge, map)
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float], dict[str, float]]]
@@ -75,12 +75,12 @@ def with_diagnostics(
     S: torch.Tensor, opts: TrainOptions, salmap: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
     """An objective's (loss, terms) with the diagnostics metrics.json logs beside them."""
-    from dsah_rt.train import losses as L
+    from dsah_rt.train.losses import diagnostics, map_statistics
 
-    diagnostics = L.diagnostics(u, u_sal, S, u.shape[1], opts.margin, opts.margin_units)
+    logged = diagnostics(u, u_sal, S, u.shape[1], opts.margin, opts.margin_units)
     if salmap is not None:
-        diagnostics.update(L.map_statistics(salmap))
-    return (*objective, diagnostics)
+        logged.update(map_statistics(salmap))
+    return (*objective, logged)
 
 
 class Method:
@@ -107,6 +107,10 @@ class Method:
 
     def architecture(self, config: dict[str, Any]) -> dict[str, Any]:
         """The `build` keywords a run's config records beyond backbone and bits."""
+        return {}
+
+    def architecture_from_options(self, opts: TrainOptions) -> dict[str, Any]:
+        """The `build` keywords that training options ask for (e.g. an ablated network)."""
         return {}
 
     def phases(self, model: nn.Module, opts: TrainOptions, optimizer: OptimizerFactory) -> list[Phase]:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from dsah_rt.errors import UserError
-from dsah_rt.train import losses as L
+from dsah_rt.train.losses import dpsh_loss
 from dsah_rt.train.models import build_dpsh
 
 from . import Method, OptimizerFactory, Phase, register_method, with_diagnostics
@@ -29,7 +29,7 @@ class DPSHMethod(Method):
     def phases(self, model: nn.Module, opts, optimizer: OptimizerFactory) -> list[Phase]:
         def objective(model, x, S):
             u = model(x)
-            loss = L.dpsh_loss(u, S, opts.eta)
+            loss = dpsh_loss(u, S, opts.eta)
             return with_diagnostics((loss, {"dpsh": float(loss.detach()), "total": float(loss.detach())}), u, None, S, opts)
 
         return [Phase("hashing", model, None, optimizer(model), objective)]

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from dsah_rt.errors import UserError
-from dsah_rt.train import losses as L
+from dsah_rt.train.losses import (
+    attention_objective, hashing_objective, quantization_loss, semantic_loss, simultaneous_objective, weighted_total,
+)
 from dsah_rt.train.models import DSaH, build_dsah
 
 from . import Method, Objective, OptimizerFactory, Phase, Schedule, Stage, register_method, with_diagnostics
@@ -46,7 +48,10 @@ class DSaHMethod(Method):
         return build_dsah(backbone, bits, weights, method=self.name, **arch)
 
     def architecture(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {"fc_channels": config["fc_channels"]}
+        return {"fc_channels": config["fc_channels"], "identity_map": config.get("identity_map", False)}
+
+    def architecture_from_options(self, opts) -> dict[str, Any]:
+        return {"identity_map": "attention-identity" in opts.ablations}
 
     def objectives(self, opts, bits: int) -> dict[str, Objective]:
         """The loss of each phase, as a function of (model, images, S)."""
@@ -59,7 +64,7 @@ class DSaHMethod(Method):
                 u = model.hashing(x)
             salmap, y = model.saliency(x)
             u_sal = model.hashing(y)
-            return with_diagnostics(L.attention_objective(
+            return with_diagnostics(attention_objective(
                 u, u_sal, S, bits, alpha=opts.alpha, lam=opts.lam, semantic="attention-no-sem" not in ablations,
                 saliency="attention-no-sal" not in ablations, quantization=quantization, salmap=salmap,
                 area=opts.area, **common,
@@ -69,29 +74,29 @@ class DSaHMethod(Method):
             with torch.no_grad():
                 salmap, y = model.saliency(x)
             u, u_sal = model.hashing(x), model.hashing(y)
-            return with_diagnostics(L.hashing_objective(
+            return with_diagnostics(hashing_objective(
                 u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="hash-sal" in ablations,
                 quantization=quantization, original="hash-no-ori" not in ablations, **common,
             ), u, u_sal, S, opts, salmap)  # fmt: skip
 
         def warmup(model: DSaH, x: torch.Tensor, S: torch.Tensor):
             u = model.hashing(x)
-            terms = {"sem_ori": (opts.lam, L.semantic_loss(u, S, bits, opts.semantic_norm))}
+            terms = {"sem_ori": (opts.lam, semantic_loss(u, S, bits, opts.semantic_norm))}
             if quantization:
-                terms["reg_ori"] = (1.0, L.quantization_loss(u))
-            return with_diagnostics(L.weighted_total(terms), u, None, S, opts)
+                terms["reg_ori"] = (1.0, quantization_loss(u))
+            return with_diagnostics(weighted_total(terms), u, None, S, opts)
 
         def refit(model: DSaH, x: torch.Tensor, S: torch.Tensor):
             with torch.no_grad():
                 salmap, y = model.saliency(x)
             u_sal = model.hashing(y)
-            return with_diagnostics(L.hashing_objective(
+            return with_diagnostics(hashing_objective(
                 u_sal, u_sal, S, bits, lam=opts.lam, quantization=quantization, original=False, **common,
             ), u_sal, None, S, opts, salmap)  # fmt: skip
 
         def joint(model: DSaH, x: torch.Tensor, S: torch.Tensor):
             u, u_sal, salmap = model(x)
-            return with_diagnostics(L.simultaneous_objective(
+            return with_diagnostics(simultaneous_objective(
                 u, u_sal, S, bits, lam=opts.lam, alpha=opts.alpha, saliency="attention-no-sal" not in ablations,
                 quantization=quantization, **common,
             ), u, u_sal, S, opts, salmap)  # fmt: skip
@@ -102,10 +107,10 @@ class DSaHMethod(Method):
         objectives = self.objectives(opts, model.hashing.bits)
         if opts.mode == "simultaneous":
             return [Phase("joint", model, None, optimizer(model), objectives["joint"])]
-        return [
-            Phase("attention", model.attention, model.hashing, optimizer(model.attention), objectives["attention"]),
-            Phase("hashing", model.hashing, model.attention, optimizer(model.hashing), objectives["hashing"]),
-        ]  # fmt: skip
+        hashing = Phase("hashing", model.hashing, model.attention, optimizer(model.hashing), objectives["hashing"])
+        if model.identity_map:  # nothing to attend with: the hashing passes alone
+            return [hashing]
+        return [Phase("attention", model.attention, model.hashing, optimizer(model.attention), objectives["attention"]), hashing]
 
     def schedule(self, model: nn.Module, opts, phases: list[Phase]) -> Schedule:
         """Warm-up epochs, then Algorithm 1 (or Eq. 18), then the refit epochs; warm-up and refit step

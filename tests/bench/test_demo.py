@@ -1,17 +1,21 @@
-"""The main job end to end, shortened to one epoch and a tiny benchmark (the full run is `make demo`)."""
+"""The main job end to end, shortened to one epoch and a tiny benchmark (the full run is `make demo`),
+and its command's options."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+from click.testing import CliRunner
 
-from dsah_rt.bench.main_job import run_main_job
+from cli_checks import assert_one_line_error
+from dsah_rt.bench.demo import TRAINING, run_demo
+from dsah_rt.cli import main
 from dsah_rt.codes import read_codes
 
 
 def test_main_job_runs_every_stage(tmp_path):
-    report = run_main_job(tmp_path, epochs=1, bench=False, echo=lambda line: None)
+    report = run_demo(tmp_path, epochs=1, bench=False, echo=lambda line: None)
     index = (tmp_path / "index.md").read_text()
     for section in ("Retrieval quality", "Export", "Encode", "Encoding benchmark", "ort-cpu", "Retrieval core benchmark"):
         assert section in index
@@ -27,3 +31,13 @@ def test_main_job_runs_every_stage(tmp_path):
     assert len(list((tmp_path / "saliency").glob("*.png"))) == 8
     saved = json.loads((tmp_path / "report.json").read_text())
     assert np.isclose(saved["results"]["DSaH"]["map"], report["results"]["DSaH"]["map"])
+
+
+def test_zero_epochs_is_refused_in_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--epochs", "0"])
+    assert_one_line_error(res, "--epochs must be at least 1, got 0", tmp_path, "demo")
+
+
+def test_help_states_the_default_budget():
+    res = CliRunner().invoke(main, ["demo", "--help"])
+    assert f"(default {TRAINING['epochs']}, the demo's budget)" in " ".join(res.output.split())

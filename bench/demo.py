@@ -18,7 +18,8 @@ import click
 import numpy as np
 
 from dsah_rt.atomic import write_json, write_text
-from dsah_rt.metrics import evaluate
+from dsah_rt.errors import UserError
+from dsah_rt.metrics import evaluate, evaluate_files
 
 # Sized to finish in well under 10 minutes on 2 CPU cores; learning rates as chosen on a
 # validation split in bench/results/train-evidence.md (DSaH's 1e-3 for the default squared J_sem,
@@ -31,7 +32,8 @@ LR = {"dsah": 1e-3, "dpsh": 1e-3}
 
 
 def _train(method: str, run_dir: Path, data: Any, training: dict[str, Any], echo: Callable[[str], None]) -> tuple[dict[str, Any], float]:
-    from dsah_rt.train.trainer import TrainOptions, train
+    from dsah_rt.train.options import TrainOptions
+    from dsah_rt.train.trainer import train
 
     opts = TrainOptions(data=DATA["spec"], data_options=DATA["options"], method=method, lr=LR[method],
                         device="cpu", **training)
@@ -49,15 +51,15 @@ def _split_order(result: Any) -> np.ndarray:
 
 
 def _run_metrics(run_dir: Path) -> dict[str, Any]:
-    from dsah_rt.codes import read_codes
-
-    q, d = read_codes(run_dir / "query_codes.npy"), read_codes(run_dir / "db_codes.npy")
-    return evaluate(q.packed, d.packed, np.load(run_dir / "query_labels.npy"), np.load(run_dir / "db_labels.npy"), bits=q.bits)
+    names = ("query_codes.npy", "db_codes.npy", "query_labels.npy", "db_labels.npy")
+    return evaluate_files(*(run_dir / name for name in names)).to_dict()
 
 
-def run_main_job(out: Path, epochs: int | None = None, bench: bool = True,
-                 echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+def run_demo(out: Path, epochs: int | None = None, bench: bool = True,
+             echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
     """Run every stage into `out`; `epochs` and `bench=False` shorten it (the smoke test)."""
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
     import torch
 
     from dsah_rt.encode import encode_folder
@@ -71,7 +73,7 @@ def run_main_job(out: Path, epochs: int | None = None, bench: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-    training = {**TRAINING, "epochs": epochs or TRAINING["epochs"]}
+    training = {**TRAINING, "epochs": TRAINING["epochs"] if epochs is None else epochs}
     report: dict[str, Any] = {"data": DATA, "training": training, "lr": LR}
 
     echo("== 1/6 data: generated fine-grained set (classes differ only in a small part)")
@@ -105,7 +107,8 @@ def run_main_job(out: Path, epochs: int | None = None, bench: bool = True,
     torch_q, torch_db = read_codes(run / "query_codes.npy"), read_codes(run / "db_codes.npy")
     agree = np.mean(np.concatenate([unpack(onnx_q, torch_q.bits) == unpack(torch_q.packed, torch_q.bits),
                                     unpack(onnx_db, torch_db.bits) == unpack(torch_db.packed, torch_db.bits)]))
-    onnx_eval = evaluate(onnx_q, onnx_db, np.load(run / "query_labels.npy"), np.load(run / "db_labels.npy"), bits=torch_q.bits)
+    labels = np.load(run / "query_labels.npy"), np.load(run / "db_labels.npy")
+    onnx_eval = evaluate(onnx_q, onnx_db, *labels, bits=torch_q.bits).to_dict()
     onnx_eval["bit_agreement_with_trainer_codes"] = float(agree)
 
     echo("== 5/6 retrieval quality of both methods, saliency overlays, PR curves")
@@ -119,15 +122,13 @@ def run_main_job(out: Path, epochs: int | None = None, bench: bool = True,
     render_saliency(overlay_in, out / "runs" / "dsah", out / "saliency", device="cpu", echo=echo)
 
     echo("== 6/6 benchmark table: `dsah-rt bench` on the exported model, then the retrieval core")
-    from dsah_rt.bench.cli import bench as bench_command
     from dsah_rt.bench.retrieval import bench_map, bench_topk
+    from dsah_rt.bench.suite import run_bench
 
-    quick = [] if bench else ["--backends", "ort-cpu", "--no-isolate", "--min-iters", "2"]
-    bench_command.main([
-        "--model", str(out / "model.onnx"), "--run", str(out / "runs" / "dsah"), "--no-retrieval",
-        "--batch-sizes", "1,32" if bench else "1", "--warmup-ms", "100", "--duration-s", "0.5" if bench else "0.05",
-        "--json", str(out / "bench.json"), "--md", str(out / "bench.md"), "--plots", str(out / "bench-plots"), *quick,
-    ], standalone_mode=False)  # fmt: skip
+    quick = {} if bench else {"backends": ["ort-cpu"], "isolate": False, "min_iters": 2}
+    run_bench(str(out / "model.onnx"), str(out / "runs" / "dsah"), retrieval=False, batch_sizes=[1, 32] if bench else [1],
+              warmup_ms=100, duration_s=0.5 if bench else 0.05, json_out=out / "bench.json", md_out=out / "bench.md",
+              plots=out / "bench-plots", log=echo, **quick)  # fmt: skip
 
     sizes = (1000, 59_000, 200_000, 100) if bench else (50, 2_000, 2_000, 5)
     bench_results = {"map": bench_map(sizes[0], sizes[1], 48, 10, numpy_queries=sizes[3]),
@@ -174,8 +175,8 @@ def _index(r: dict[str, Any]) -> str:
         f"ONNX model on ONNX Runtime CPU): DSaH MAP {oe['map']:.4f} against {res['DSaH']['map']:.4f} from the "
         f"trainer's PyTorch codes; bit agreement between the two {oe['bit_agreement_with_trainer_codes']:.5f}.",
         "",
-        f"Figures: [PR curves and precision@k](pr.png); saliency overlays (image, heat map, saliency image y, "
-        f"the paper's Fig. 7) in [saliency/](saliency/).",
+        "Figures: [PR curves and precision@k](pr.png); saliency overlays (image, heat map, saliency image y, "
+        "the paper's Fig. 7) in [saliency/](saliency/).",
         "",
         "## Export",
         "",
@@ -213,14 +214,3 @@ def _short(export_report: dict[str, Any]) -> str:
     import json
 
     return json.dumps(export_report, indent=1, default=str)[:1500]
-
-
-@click.command("demo")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--epochs", type=int, default=None, help=f"Training epochs per method (default {TRAINING['epochs']}).")
-def demo(out: str, epochs: int | None) -> None:
-    """The main job on embedded defaults: train, export, verify, encode, evaluate, benchmark."""
-    from dsah_rt.omp import passive_openmp
-
-    passive_openmp()  # before torch starts: spinning OpenMP threads stall a shared 2-core machine
-    run_main_job(Path(out), epochs=epochs)

@@ -24,6 +24,7 @@ model reports.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -68,6 +69,8 @@ def resolve_run_dir(run_dir: PathLike, bits: int | None = None) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder not found")
     if (run_dir / CHECKPOINT).is_file():
+        if bits is not None and _config_bits(run_dir) != bits:
+            raise UserError(f"{run_dir}: holds a {_config_bits(run_dir)}-bit run, not {bits} bits")
         return run_dir
     subs = _sub_runs(run_dir)
     if not subs:
@@ -79,6 +82,13 @@ def resolve_run_dir(run_dir: PathLike, bits: int | None = None) -> Path:
     if bits not in subs:
         raise UserError(f"{run_dir}: no run for {bits} bits (found: {', '.join(map(str, subs))})")
     return subs[bits]
+
+
+def _config_bits(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((run_dir / CONFIG).read_text())["bits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable config is reported by whoever loads the run
 
 
 def _np_state_to_safe(state: dict[str, Any]) -> dict[str, Any]:

@@ -215,7 +215,7 @@ def torch_step(encoder: Callable[[Any], Any], images: np.ndarray, device: str) -
 def _torch_prepared(backend: Backend, job: Job) -> tuple[Callable[[np.ndarray], tuple[Any, Any]], int, dict[str, Any]]:
     import torch
 
-    from dsah_rt.train.run import load_run
+    from dsah_rt.train.run_dir import load_run
 
     torch.set_num_threads(job.threads)
     model, config = load_run(job.run_dir, device=backend.device)
