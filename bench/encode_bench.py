@@ -196,7 +196,7 @@ def run_benchmark(quick: bool, threads: int, work: Path) -> dict[str, Any]:
     report["encode"] = {}
     for backbone, (_, onnx_path, size) in models.items():
         before = load()
-        # lite0 is engine-bound (~30 images/s here): a sample times the engine, and the pool
+        # lite0 is engine-bound on a CPU: a sample times the engine, and the pool
         # kind cannot matter end to end, so only the small model runs both pools end to end.
         lite = backbone == "efficientnet_lite0"
         pools = ("thread",) if lite else ("thread", "process")

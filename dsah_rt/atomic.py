@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable
 
 from dsah_rt.errors import UserError
 
@@ -18,6 +18,19 @@ def check_parent(path: str | os.PathLike[str] | None) -> None:
     """Fail before any work is done when an output's folder is missing."""
     if path is not None and not Path(path).parent.is_dir():
         raise UserError(f"{path}: folder {Path(path).parent} does not exist")
+
+
+PathArg = str | os.PathLike[str] | None
+
+
+def check_outputs(outputs: Iterable[PathArg], inputs: Iterable[PathArg] = ()) -> None:
+    """Fail before any work is done when an output's folder is missing or an output is one of the
+    command's input files (symlinks resolved): replacing it would destroy what is being read."""
+    sources = {Path(p).resolve() for p in inputs if p is not None and Path(p).is_file()}
+    for out in outputs:
+        check_parent(out)
+        if out is not None and Path(out).resolve() in sources:
+            raise UserError(f"{out}: is also an input of this command; choose another output path")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], suffix: str = ".tmp") -> Path:

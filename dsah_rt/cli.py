@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from dsah_rt.atomic import atomic_write, check_parent, write_json
+from dsah_rt.atomic import atomic_write, check_outputs, check_parent, write_json
 from dsah_rt.cli_options import backend_option, zeros_option
 from dsah_rt.errors import UserError
 
@@ -87,8 +87,7 @@ def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, rad
     from dsah_rt.hamming import set_threads
     from dsah_rt.metrics import evaluate_files
 
-    check_parent(json_out)
-    check_parent(plot)
+    check_outputs([json_out, plot], [query_codes, db_codes, query_labels, db_labels])
     set_threads(threads)
     res = evaluate_files(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, zeros_as)
     at = f"@{topk}" if topk else "@all"
@@ -142,7 +141,7 @@ def search_command(db_codes, index_path, query_codes, query_images, model_path, 
             raise UserError("--query needs --model (the model that encoded the database)")
         if db_codes is None or index_path is not None:
             raise UserError("--query needs --db-codes, not --index (an index file has no row paths)")
-        check_parent(json_out)
+        check_outputs([json_out], [db_codes, query_images, model_path])
         result = search_images(db_codes, query_images, model_path, k=k, backend=backend)
         for query in result["queries"]:
             click.echo(query["path"])
@@ -155,7 +154,7 @@ def search_command(db_codes, index_path, query_codes, query_images, model_path, 
         return
     if out is None:
         raise UserError("--query-codes needs --out R.npz")
-    check_parent(out)
+    check_outputs([out], [db_codes, index_path, query_codes])
     from dsah_rt.query import search_codes
 
     r = search_codes(query_codes, k, db_codes=db_codes, index=index_path, bits=bits, zeros_as=zeros_as)
@@ -187,6 +186,7 @@ def index_build(codes, out, spec, mih, substrings, bits, zeros_as) -> None:
         raise UserError("--substrings needs --mih")
     if mih:
         spec = "MIH" if substrings is None else f"MIH{substrings}"
+    check_outputs([out], [codes])
     index = write_index(codes, out, spec or "exact", bits, zeros_as)
     click.echo(f"{index.ntotal} {index.bits}-bit codes -> {index.kind} index {out}")
 

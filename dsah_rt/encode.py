@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from dsah_rt.atomic import check_parent, write_json
+from dsah_rt.atomic import check_outputs, write_json
 from dsah_rt.codes import manifest_path, write_codes
 from dsah_rt.errors import UserError
-from dsah_rt.images import MAX_PIXELS, Skip, decode_batch, scan, sort_key
+from dsah_rt.images import MAX_PIXELS, Skip, decode_batch, scan, skip_reason, sort_key
 from dsah_rt.runners.base import Runner
 
 STATE_FORMAT = "dsah-rt-encode-state/1"
@@ -226,9 +226,11 @@ def encode_folder(
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
     out = Path(out) if out is not None else None
-    if out is not None:
-        check_parent(out)
     source = Path(images)
+    if out is not None:
+        check_outputs([out], [source])
+        if source.is_dir() and out.resolve().is_relative_to(source.resolve()) and out.is_file() and skip_reason(out) is None:
+            raise EncodeError(f"{out}: is one of the images under {source}; choose another output path")
     if not source.exists():
         raise EncodeError(f"{source}: no such file or folder")
     root = source if source.is_dir() else source.parent

@@ -121,3 +121,19 @@ else:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.splitlines()[-1]) == {}
+
+
+@pytest.mark.parametrize("command, victim", [
+    (["eval", "-q", "q.npy", "-d", "db.npy", "--query-labels", "ql.npy", "--db-labels", "dl.npy", "--json", "dl.npy"], "dl.npy"),
+    (["search", "-q", "q.npy", "-d", "db.npy", "-k", "3", "--out", "db.npy"], "db.npy"),
+    (["search", "-q", "q.npy", "-d", "db.npy", "-k", "3", "--out", "link.npy"], "q.npy"),  # a symlink to an input
+    (["index", "build", "db.npy", "--out", "db.npy"], "db.npy"),
+])  # fmt: skip
+def test_an_input_is_never_an_output(tmp_path, monkeypatch, command: list[str], victim: str) -> None:
+    random_eval_files(tmp_path, seed=3, queries=4, database=20, bits=12)
+    (tmp_path / "link.npy").symlink_to(tmp_path / "q.npy")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / victim).read_bytes()
+    res = CliRunner().invoke(main, command)
+    assert_one_line_error(res, "is also an input of this command", tmp_path, "*.npz")
+    assert (tmp_path / victim).read_bytes() == before

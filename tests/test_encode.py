@@ -321,3 +321,13 @@ def test_cli_search_refuses_codes_of_another_model(folder, model, tmp_path):
     assert both.exit_code == 1 and "exactly one of --query-codes and --query" in both.output
     no_model = _cli("search", "--db-codes", other, "--query", root)
     assert no_model.exit_code == 1 and "--query needs --model" in no_model.output
+
+
+def test_an_input_image_is_never_the_output(folder, ort, tmp_path):
+    root, good, _ = folder
+    image = root / good[0]
+    before = image.read_bytes()
+    for source in (root, image):  # an image under the folder, or the single input file itself
+        with pytest.raises(UserError, match="choose another output path"):
+            encode_folder(source, image, ort)
+    assert image.read_bytes() == before and not list(root.rglob("*.partial*"))

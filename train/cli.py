@@ -41,7 +41,8 @@ def parse_option(text: str) -> tuple[str, Any]:
 @click.command("train")
 @click.option("--data", required=True, help="Dataset name (synthetic-fg, digits, ...), folder, or name:folder.")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
-              help="A dataset option, e.g. num_classes=5 (repeatable).")
+              help="A dataset option, e.g. num_classes=5 (repeatable); for CIFAR-10, protocol=cifar10|cifar10-1|"
+                   "cifar10-2 picks DeepHash-pytorch's splits (54,000 / 59,000 / 50,000-image databases).")
 @click.option("--data-seed", type=int, default=0, show_default=True,
               help="Seed of the dataset's sampling or generation.")
 @click.option("--bits", type=int, multiple=True, default=(12,), show_default=True,
@@ -102,7 +103,7 @@ def train(data, data_options, data_seed, bits, out, resume, threads, **kwargs) -
     """Train DSaH (Algorithm 1) or the DPSH baseline; checkpoint, metrics and codes go to --out."""
     from dsah_rt.omp import passive_openmp
 
-    passive_openmp()  # before torch starts: spinning OpenMP threads slowed training 4x on 2 shared cores
+    passive_openmp()  # before torch starts: spinning OpenMP threads slow training on shared cores (README)
     import torch
 
     from dsah_rt.encode import display_path

@@ -61,8 +61,7 @@ def _session(path: Path, providers: list[Any], threads: int | None, optimize: bo
     if threads:
         options.intra_op_num_threads = threads
     # Idle intra-op threads otherwise spin between runs, taking the cores the decode workers (and
-    # anyone sharing the machine) need; on the shared 2-core machine lite0 at batch 1 ran in
-    # 28 ms without spinning against 46-70 ms with it.
+    # anyone sharing the machine) need: on a shared 2-core machine spinning slowed batch-1 runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # provider fallbacks are refused by SessionFromOnnx, not left to a log line
     try:

@@ -180,3 +180,11 @@ def test_saliency_errors(dsah_run: Path, tmp_path: Path) -> None:
     dpsh = tmp_path / "dpsh"
     assert _invoke("train", *TINY, "--epochs", "1", "--method", "dpsh", "--out", str(dpsh)).exit_code == 0
     _one_line_error(_invoke("saliency", str(images), "--run", str(dpsh), "--out", out), "DSaH run")
+
+
+def test_train_help_names_deephash_pytorch_splits() -> None:
+    from dsah_rt.train.data.cifar10 import DEEPHASH_PROTOCOLS, PROTOCOLS
+
+    text = " ".join(_invoke("train", "--help").output.split())
+    for name in DEEPHASH_PROTOCOLS:
+        assert name in text and name in PROTOCOLS

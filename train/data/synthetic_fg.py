@@ -30,9 +30,8 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 64
 TRAIN_PER_CLASS = 100
 QUERY_PER_CLASS = 30
-# Without decoys a plain global-pooling CNN reads the glyph wherever it is (100% query accuracy
-# after 5 epochs of a 6-layer CNN at the defaults); with two it is at 40% after 5 and 95% after
-# 10: still learnable, but only by tying the glyph to the object.
+# Without decoys a plain global-pooling CNN reads the glyph wherever it is; with two it has to tie
+# the glyph to the object, which it still learns (train-evidence.md has the figures).
 DECOYS = 2
 
 GRID = 3  # glyph cells per side
@@ -41,8 +40,8 @@ _PATCH_CENTRE = (-0.12, 0.0)  # in object units, x towards the head
 _BORDER = 0.08  # patch margin around the glyph grid, in patch sides
 _DOT = 0.75  # dot side, in glyph cells
 _DISTRACTORS = 6
-# Pixels rendered at once: the painting is memory-bound, and chunks whose float32 buffers (~3 MB)
-# stay in cache render 3000 64x64 images in ~1.7 s, against ~2.5 s in 512-image chunks.
+# Pixels rendered at once: the painting is memory-bound, so chunks sized for the cache (float32
+# buffers of ~3 MB) render faster than larger ones.
 _CHUNK_PIXELS = 64 * 64 * 64
 
 
