@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from dsah_rt.atomic import atomic_write, check_outputs, check_parent, write_json
+from dsah_rt.atomic import atomic_write, check_outputs, write_json
 from dsah_rt.cli_options import backend_option, zeros_option
 from dsah_rt.errors import UserError
 
