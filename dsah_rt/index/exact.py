@@ -120,7 +120,7 @@ class BinaryIndex:
     def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> BinaryIndex:
         """Open a saved index; with mmap the codes stay in the file (pages are read as search needs them)."""
         path = Path(path)
-        footer, array_end = _read_footer(path)
+        footer, array_end = read_footer(path)
         bits, ntotal = footer.get("bits"), footer.get("ntotal")
         if footer.get("format") != FORMAT or footer.get("kind") != cls.kind:
             raise SearchIndexError(f"{path}: not a {FORMAT} exact index (footer says {footer.get('format')!r})")
@@ -142,7 +142,7 @@ class BinaryIndex:
         return index
 
 
-def _read_footer(path: Path) -> tuple[dict, int]:
+def read_footer(path: Path) -> tuple[dict, int]:
     """The JSON footer and the offset where the array must end."""
     with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)

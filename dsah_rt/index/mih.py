@@ -39,7 +39,7 @@ from dsah_rt.atomic import atomic_write
 from dsah_rt.codes import MAX_BITS, to_packed
 from dsah_rt.errors import SearchIndexError
 from dsah_rt.index.base import check_k, check_radius
-from dsah_rt.index.exact import MAGIC, BinaryIndex, _read_footer
+from dsah_rt.index.exact import MAGIC, BinaryIndex, read_footer
 from dsah_rt.mih_kernels import BASE, BUCKET_BITS, FIRST, LENGTH
 
 FORMAT = "dsah-rt-mih/1"
@@ -223,13 +223,13 @@ class MIHIndex(BinaryIndex):
     @staticmethod
     def recognises(path: Path) -> bool:
         # The exact kind's container, told apart by the footer (so KINDS asks this kind first).
-        return BinaryIndex.recognises(path) and _read_footer(path)[0].get("kind") == MIHIndex.kind
+        return BinaryIndex.recognises(path) and read_footer(path)[0].get("kind") == MIHIndex.kind
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> MIHIndex:
         """Open a saved index; with mmap the codes and tables stay in the file."""
         path = Path(path)
-        footer, end = _read_footer(path)
+        footer, end = read_footer(path)
         bits, ntotal, m, where = (footer.get(key) for key in ("bits", "ntotal", "substrings", "arrays"))
         if footer.get("format") != FORMAT or footer.get("kind") != cls.kind:
             raise SearchIndexError(f"{path}: not a {FORMAT} index (footer says {footer.get('format')!r})")
