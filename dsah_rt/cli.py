@@ -7,14 +7,19 @@ so `dsah-rt --help` stays fast; command modules import heavy packages inside the
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from dsah_rt.atomic import atomic_write, check_outputs, write_json
-from dsah_rt.cli_options import backend_option, zeros_option
-from dsah_rt.errors import UserError
+from dsah_rt.atomic import check_outputs, write_json
+from dsah_rt.cli_db import echo_ranked, index_load, index_search
+from dsah_rt.cli_options import AtLeast, backend_option, mixed_models_option, zeros_option
+from dsah_rt.errors import UserError, os_error_message
 
 # name -> "module:attribute" of a click command defined with its stage.
 LAZY_COMMANDS: dict[str, str] = {
@@ -29,7 +34,8 @@ LAZY_COMMANDS: dict[str, str] = {
 
 
 class Group(click.Group):
-    """Lazily imported commands, and UserError turned into one line without a traceback."""
+    """Lazily imported commands; UserError, and an OS error naming its file, turned into one line
+    without a traceback; SIGTERM handled as Ctrl-C."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
@@ -44,10 +50,31 @@ class Group(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+        with _sigterm_as_interrupt():
+            try:
+                return super().invoke(ctx)
+            except UserError as exc:
+                raise click.ClickException(str(exc)) from None
+            except OSError as exc:
+                # A file that cannot be read or written (permissions, a full disk) is the user's to
+                # fix; an OS error without a file is not understood here, so it keeps its traceback.
+                if exc.filename is None:
+                    raise
+                raise click.ClickException(os_error_message(exc)) from None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM (a scheduler's or `kill`'s default) unwind like Ctrl-C, so the cleanup that every
+    command does on KeyboardInterrupt runs too: temporary files removed, a partial state saved."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _unavailable(name: str, exc: ImportError) -> click.Command:
@@ -71,25 +98,26 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 
 @main.command("eval")
-@click.option("--query-codes", "-q", required=True, type=click.Path(dir_okay=False), help="Query codes .npy.")
-@click.option("--db-codes", "-d", required=True, type=click.Path(dir_okay=False), help="Database codes .npy.")
+@click.option("--query-codes", "-q", required=True, type=click.Path(), help="Query codes .npy or .parquet.")
+@click.option("--db-codes", "-d", required=True, type=click.Path(), help="Database codes .npy or .parquet.")
 @click.option("--query-labels", required=True, type=click.Path(dir_okay=False), help="(N,) class ids or (N, C) multi-hot .npy.")
 @click.option("--db-labels", required=True, type=click.Path(dir_okay=False), help="Labels of the database rows .npy.")
 @click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
 @click.option("--topk", type=int, default=0, show_default=True, help="MAP@topk; 0 means the whole ranking.")
 @click.option("--radius", type=int, default=2, show_default=True, help="Hamming radius for precision/recall.")
-@click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
+@click.option("--threads", type=AtLeast(1), default=None, help="Kernel threads (default: all cores).")
 @zeros_option()
+@mixed_models_option()
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all metrics as JSON (with a format key).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the precision-recall curve as PNG.")
-def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, threads, zeros_as, json_out, plot) -> None:
+def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, threads, zeros_as, allow_mixed_models, json_out, plot) -> None:
     """MAP (index-order and tie-aware with bounds), precision/recall within a radius, P@k and PR curves."""
     from dsah_rt.hamming import set_threads
     from dsah_rt.metrics import evaluate_files
 
     check_outputs([json_out, plot], [query_codes, db_codes, query_labels, db_labels])
     set_threads(threads)
-    res = evaluate_files(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, zeros_as)
+    res = evaluate_files(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, zeros_as, allow_mixed_models)
     at = f"@{topk}" if topk else "@all"
     _print_table([
         (f"MAP{at} (ties by index)", f"{res.map:.6f}"),
@@ -108,32 +136,32 @@ def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, rad
 
 
 @main.command("search")
-@click.option("--db-codes", "-d", type=click.Path(dir_okay=False), help="Database codes .npy (or use --index).")
+@click.option("--db-codes", "-d", type=click.Path(), help="Database codes .npy or .parquet (or use --index).")
 @click.option("--index", "index_path", type=click.Path(dir_okay=False), help="A saved index of any kind ('dsah-rt index build'), with --query-codes.")
-@click.option("--query-codes", "-q", type=click.Path(dir_okay=False), help="Query codes .npy (or use --query).")
+@click.option("--query-codes", "-q", type=click.Path(), help="Query codes .npy or .parquet (or use --query).")
 @click.option("--query", "query_images", type=click.Path(exists=True), help="Query image or folder, encoded with --model.")
 @click.option("--model", "model_path", type=click.Path(exists=True), help="model.onnx / model.engine that made the database.")
 @backend_option()
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
 @click.option("--bits", type=int, default=None, help="Code length, for packed codes without a manifest.")
-@click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
+@click.option("--threads", type=AtLeast(1), default=None, help="Kernel threads (default: all cores).")
 @zeros_option()
+@mixed_models_option()
 @click.option("--out", type=click.Path(dir_okay=False), help="Result .npz: indices, distances, seconds (with --query-codes).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Ranked paths and distances as JSON (with --query).")
-def search_command(db_codes, index_path, query_codes, query_images, model_path, backend, k, bits, threads, zeros_as, out, json_out) -> None:
+def search_command(db_codes, index_path, query_codes, query_images, model_path, backend, k, bits, threads, zeros_as, allow_mixed_models, out, json_out) -> None:
     """Top-k Hamming search; exact ones (--db-codes, exact index files) order ties by database index.
 
     Either --query-codes Q.npy against --db-codes D.npy or --index INDEX (writes --out R.npz), or
     --query IMAGE_OR_DIR --model M against --db-codes, which encodes the images and prints each one's
     ranked database paths (from the manifest) with their distances.
     """
-    import numpy as np
-
-    from dsah_rt.hamming import set_threads
-
     if (query_codes is None) == (query_images is None):
         raise UserError("give exactly one of --query-codes and --query")
-    set_threads(threads)
+    if threads is not None:  # else Numba is imported only if the search needs its kernels (cold start)
+        from dsah_rt.hamming import set_threads
+
+        set_threads(threads)
     if query_images is not None:
         from dsah_rt.query import search_images
 
@@ -142,33 +170,29 @@ def search_command(db_codes, index_path, query_codes, query_images, model_path, 
         if db_codes is None or index_path is not None:
             raise UserError("--query needs --db-codes, not --index (an index file has no row paths)")
         check_outputs([json_out], [db_codes, query_images, model_path])
-        result = search_images(db_codes, query_images, model_path, k=k, backend=backend)
-        for query in result["queries"]:
-            click.echo(query["path"])
-            for hit in query["neighbours"]:
-                click.echo(f"  {hit['rank']:>3}  {hit['distance']:>4}  {hit['path']}")
-        for skip in result["skipped"]:
-            click.echo(f"skipped query {skip['path']}: {skip['reason']}", err=True)
-        if json_out:
-            write_json(json_out, result)
+        result = search_images(db_codes, query_images, model_path, k=k, backend=backend, allow_mixed_models=allow_mixed_models)
+        echo_ranked(result, json_out)
         return
     if out is None:
         raise UserError("--query-codes needs --out R.npz")
     check_outputs([out], [db_codes, index_path, query_codes])
     from dsah_rt.query import search_codes
 
-    r = search_codes(query_codes, k, db_codes=db_codes, index=index_path, bits=bits, zeros_as=zeros_as)
-    atomic_write(out, lambda fh: np.savez(fh, indices=r.indices, distances=r.distances, seconds=np.float64(r.seconds)))
-    click.echo(f"{len(r.indices)} queries x {r.database} codes, k={k}: {r.seconds:.4f} s -> {out}")
+    r = search_codes(query_codes, k, db_codes=db_codes, index=index_path, bits=bits, zeros_as=zeros_as,
+                     allow_mixed_models=allow_mixed_models)
+    r.save(out)
+    click.echo(f"{len(r.indices)} queries x {r.database} codes, k={k}: {r.seconds:.4f} s "
+               f"(reading the files {r.load_seconds:.4f} s) -> {out}")
 
 
 @main.group("index")
 def index_group() -> None:
-    """Build search index files (exact, MIH or FAISS) for 'dsah-rt search --index'."""
+    """Build search index files (exact, MIH or FAISS) for 'dsah-rt search --index', or load and
+    search a served index in PostgreSQL + pgvector (load, search)."""
 
 
 @index_group.command("build")
-@click.argument("codes", type=click.Path(dir_okay=False))
+@click.argument("codes", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Index file to write.")
 @click.option("--faiss", "spec", default=None, help="FAISS binary factory string (BFlat, BIVF<nlist>, BHNSW<M>); default: the exact index.")
 @click.option("--mih", is_flag=True, help="Multi-index hashing: the exact index's results, sub-linear search on large databases.")
@@ -189,6 +213,10 @@ def index_build(codes, out, spec, mih, substrings, bits, zeros_as) -> None:
     check_outputs([out], [codes])
     index = write_index(codes, out, spec or "exact", bits, zeros_as)
     click.echo(f"{index.ntotal} {index.bits}-bit codes -> {index.kind} index {out}")
+
+
+index_group.add_command(index_load)
+index_group.add_command(index_search)
 
 
 @main.group("codes")

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dsah_rt.cli_options import backend_option
-from dsah_rt.errors import UserError
+from dsah_rt.cli_options import AtLeast, backend_option
+from dsah_rt.errors import UserError, display_path
 from dsah_rt.progress import ProgressBar
 
 if TYPE_CHECKING:  # numpy and the runners load only when a command runs, not for --help
@@ -23,23 +23,23 @@ def check_input_size(runner: Runner, size: int | None) -> None:
 
 @click.command("encode")
 @click.argument("images", type=click.Path(exists=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="codes.npy to write (+ codes.npy.json manifest).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="codes.npy or codes.parquet to write (+ its .json manifest).")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="model.onnx, model.engine or a RUN_DIR (torch).")
 @backend_option()
 @click.option("--batch", type=int, default=32, show_default=True, help="Images per inference call.")
-@click.option("--workers", type=int, default=None, help="Decode workers (default: one per CPU core).")
+@click.option("--workers", type=AtLeast(1), default=None, help="Decode workers (default: one per CPU core).")
 @click.option("--pool", type=click.Choice(["thread", "process"]), default="thread", show_default=True, help="Decode in threads (measured faster here) or processes.")
-@click.option("--threads", type=int, default=None, help="Inference threads (ONNX Runtime CPU; default: its own choice).")
+@click.option("--threads", type=AtLeast(1), default=None, help="Inference threads (ONNX Runtime CPU; default: its own choice).")
 @click.option("--size", type=int, default=None, help="Refuse a model whose input size is not SIZE.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (codes.npy.partial) without re-encoding.")
 @click.option("--strict", is_flag=True, help="Fail (and write nothing) if any file is skipped.")
 def encode(images, out, model_path, backend, batch, workers, pool, threads, size, resume, strict) -> None:
     """Encode every image under IMAGES; rows in sorted path order, skipped files listed with reasons."""
-    from dsah_rt.atomic import check_parent
-    from dsah_rt.encode import display_path, encode_folder
+    from dsah_rt.atomic import check_file_output
+    from dsah_rt.encode import encode_folder
     from dsah_rt.runners import make_runner
 
-    check_parent(out)
+    check_file_output(out)
     with make_runner(model_path, backend, threads=threads) as runner:
         check_input_size(runner, size)
         described = runner.describe()

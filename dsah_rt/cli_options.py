@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from dsah_rt.errors import UserError
+
 
 class BackendChoice(click.Choice):
     """The runner registry's backend names, read when first needed: importing the runners (numpy)
@@ -41,3 +43,26 @@ def zeros_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     help = ("Read ±1 codes with exact zeros (torch.sign of a zero output, as DeepHash-pytorch saves them), "
             "each zero as +1 or -1; without it such files are refused.")  # fmt: skip
     return click.option("--zeros-as", type=click.Choice(["+1", "-1"]), default=None, callback=_sign, help=help)
+
+
+class AtLeast(click.ParamType):
+    """An integer option with a lower bound. Below it the command stops with one line (a UserError),
+    where a clamp would have run with a value the user did not ask for (--threads 0 ran on one)."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = click.INT.convert(value, param, ctx)
+        if number < self.minimum:
+            flag = param.opts[0] if param is not None else "value"
+            raise UserError(f"{flag} must be at least {self.minimum}, got {number}")
+        return number
+
+
+def mixed_models_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--allow-mixed-models: compare codes whose manifests name different models."""
+    help = "Compare codes made by different models (their manifests' fingerprints differ); refused without it."
+    return click.option("--allow-mixed-models", is_flag=True, help=help)

@@ -14,8 +14,13 @@
 * Progress is saved to the folder `codes.npy.partial` (each file in it atomically, every
   `checkpoint_seconds` and on any error or Ctrl-C). `resume=True` reuses every finished file
   whose size and mtime are unchanged and encodes the rest; the result equals an uninterrupted
-  run. The partial state is removed once codes.npy is written; codes.npy itself is only ever
-  written whole.
+  run. `--resume` checks the state before using any of it: its format, image folder and model,
+  and every entry (sizes, a code of exactly the model's length in hex, or a skip reason); a
+  damaged state is refused, naming its file. The partial state is removed once codes.npy is
+  written, and on the failures that write nothing (`strict` skips, no image encoded).
+* codes.npy and codes.npy.json are replaced as one unit (`codes.write_codes`): a failed write
+  leaves the previous pair as it was. While a run lasts it holds an exclusive lock beside the
+  output (`.codes.npy.lock`), so a second run to the same output is refused instead of racing it.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from dsah_rt.atomic import check_outputs, write_json
+from dsah_rt.atomic import check_outputs, lock_path, output_lock, write_json
 from dsah_rt.codes import manifest_path, write_codes
-from dsah_rt.errors import UserError
+from dsah_rt.errors import UserError, display_path
 from dsah_rt.images import MAX_PIXELS, Skip, decode_batch, scan, skip_reason, sort_key
 from dsah_rt.runners.base import Runner
 
 STATE_FORMAT = "dsah-rt-encode-state/1"
 POOLS = ("thread", "process")
+_HEX = re.compile("[0-9a-f]*")
 Progress = Callable[[int, int], None]
 
 
@@ -120,11 +128,11 @@ class _State:
     per checkpoint holding only the files finished since the previous one, each written
     atomically. A checkpoint costs what it adds, not the whole run so far, and a later segment
     overrides an earlier one for the same file. With `path` None (nothing is written, e.g.
-    search queries) it only holds the entries.
+    search queries) it only holds the entries. `nbytes` is the length of a packed code.
     """
 
-    def __init__(self, path: Path | None, root: Path, model: dict[str, Any]) -> None:
-        self.path, self.root, self.model = path, root, model
+    def __init__(self, path: Path | None, root: Path, model: dict[str, Any], nbytes: int) -> None:
+        self.path, self.root, self.model, self.nbytes = path, root, model, nbytes
         self.entries: dict[str, list[Any]] = {}
         self._unsaved: dict[str, list[Any]] = {}
         self._segments = 0
@@ -145,10 +153,10 @@ class _State:
             header = json.loads((self.path / "state.json").read_text())
             segments = sorted(self.path.glob("entries-*.json"))
             for segment in segments:
-                self.entries.update(json.loads(segment.read_text()))
+                self.entries.update(self._checked(segment, json.loads(segment.read_text())))
         except (OSError, ValueError) as exc:
             raise EncodeError(f"{self.path}: unreadable partial state ({exc}); delete it to start over") from None
-        if header.get("format") != STATE_FORMAT:
+        if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
             raise EncodeError(f"{self.path}: not a dsah-rt partial state; delete it to start over")
         if header.get("root") != str(self.root):
             raise EncodeError(f"{self.path}: the interrupted run encoded {header.get('root')}; rerun without --resume")
@@ -156,6 +164,34 @@ class _State:
             raise EncodeError(f"{self.path}: the interrupted run used another model or backend; rerun without --resume")
         self._segments = len(segments)
         log(f"resuming: {len(self.entries)} files already done in {self.path.name}")
+
+    def _checked(self, segment: Path, entries: Any) -> dict[str, list[Any]]:
+        """`entries` of one segment file when each is one a run writes, else EncodeError naming it:
+        a code of the wrong length would shift every later row of codes.npy by its excess."""
+        if not isinstance(entries, dict):
+            raise EncodeError(f"{segment}: damaged partial state (not a JSON object); delete {self.path} to start over")
+        for rel, entry in entries.items():
+            problem = self._entry_problem(entry)
+            if problem:
+                raise EncodeError(
+                    f"{segment}: damaged partial state ({display_path(rel)}: {problem}); delete {self.path} to start over"
+                )
+        return entries
+
+    def _entry_problem(self, entry: Any) -> str | None:
+        """What is wrong with a [size, mtime_ns, code hex or None, reason or None] entry, or None."""
+        if not isinstance(entry, list) or len(entry) != 4:
+            return "not a [size, mtime, code, reason] entry"
+        size, mtime, code, reason = entry
+        if type(size) is not int or type(mtime) is not int:  # bool is an int subclass but no size
+            return "size and mtime must be integers"
+        if code is None:
+            return None if isinstance(reason, str) and reason else "neither a code nor a skip reason"
+        if reason is not None:
+            return "both a code and a skip reason"
+        if not isinstance(code, str) or len(code) != 2 * self.nbytes or not _HEX.fullmatch(code):
+            return f"code is not {2 * self.nbytes} lowercase hex digits"
+        return None
 
     def keep_unchanged(self, stats: dict[str, list[int]]) -> None:
         """Reuse only what was finished on the very same file (same size and mtime) still present."""
@@ -220,7 +256,8 @@ def encode_folder(
 
     `out=None` encodes without writing anything (queries for search). Raises EncodeError when
     there is no file, when no file could be encoded, or on any skip with `strict`; codes.npy is
-    then not written.
+    then not written, and no partial state is left. Raises OutputError when another run holds
+    the output's lock.
     """
     start = time.perf_counter()
     if batch < 1:
@@ -233,54 +270,56 @@ def encode_folder(
             raise EncodeError(f"{out}: is one of the images under {source}; choose another output path")
     if not source.exists():
         raise EncodeError(f"{source}: no such file or folder")
-    root = source if source.is_dir() else source.parent
-    own = (out, manifest_path(out), state_path(out)) if out is not None else ()
-    found = scan(source, exclude=frozenset(os.path.relpath(p, root) for p in own))
-    if not found.files and not found.skipped:
-        raise EncodeError(f"{source}: no files to encode (empty folder)")
+    # Held to the end: two runs to one output would share its partial state and race its rename.
+    with output_lock(out) if out is not None else nullcontext():
+        root = source if source.is_dir() else source.parent
+        own = (out, manifest_path(out), state_path(out), lock_path(out)) if out is not None else ()
+        found = scan(source, exclude=frozenset(os.path.relpath(p, root) for p in own))
+        if not found.files and not found.skipped:
+            raise EncodeError(f"{source}: no files to encode (empty folder)")
 
-    model = _model_record(runner)
-    state = _State(state_path(out) if out is not None else None, root.resolve(), model)
-    state.open(resume, log)
-    stats, skipped = _stat_files(root, found.files)
-    state.keep_unchanged(stats)
-    entries = state.entries
-    todo = [rel for rel in stats if rel not in entries]
-    reused, encoded = len(entries), 0
-    if progress:
-        progress(reused, len(stats))
-    chunks = decoded_chunks(root, todo, runner.info.input_size, batch, workers or default_workers(), pool, max_pixels)
-    try:
-        for rels, decoded, reasons in chunks:
-            ok = iter(runner.infer(decoded) if len(decoded) else ())
-            for rel, reason in zip(rels, reasons):
-                code = None if reason else next(ok).tobytes().hex()
-                state.record(rel, [*stats[rel], code, reason])
-            encoded += len(decoded)
-            if progress:
-                progress(len(entries), len(stats))
-            state.save_every(checkpoint_seconds)
-    except BaseException:
-        state.save()
-        raise
+        model = _model_record(runner)
+        state = _State(state_path(out) if out is not None else None, root.resolve(), model, runner.info.nbytes)
+        state.open(resume, log)
+        stats, skipped = _stat_files(root, found.files)
+        state.keep_unchanged(stats)
+        entries = state.entries
+        todo = [rel for rel in stats if rel not in entries]
+        reused, encoded = len(entries), 0
+        if progress:
+            progress(reused, len(stats))
+        chunks = decoded_chunks(root, todo, runner.info.input_size, batch, workers or default_workers(), pool, max_pixels)
+        try:
+            for rels, decoded, reasons in chunks:
+                ok = iter(runner.infer(decoded) if len(decoded) else ())
+                for rel, reason in zip(rels, reasons):
+                    code = None if reason else next(ok).tobytes().hex()
+                    state.record(rel, [*stats[rel], code, reason])
+                encoded += len(decoded)
+                if progress:
+                    progress(len(entries), len(stats))
+                state.save_every(checkpoint_seconds)
+        except BaseException:
+            state.save()
+            raise
 
-    rows = [rel for rel in stats if entries[rel][2] is not None]
-    skipped = sorted(
-        [*found.skipped, *skipped, *(Skip(rel, entries[rel][3]) for rel in stats if entries[rel][2] is None)],
-        key=lambda s: sort_key(s.path),
-    )
-    hexes = "".join(entries[rel][2] for rel in rows)
-    packed = np.frombuffer(bytes.fromhex(hexes), np.uint8).reshape(len(rows), runner.info.nbytes)
-    if not rows or (strict and skipped):
-        state.save()  # a later run without --strict can --resume from here and encode nothing again
-        total = len(rows) + len(skipped)
-        failure = f"--strict: {len(skipped)} of {total} files skipped" if rows else "no image could be encoded"
-        raise EncodeError(failure + (f": {first_skips(skipped)}" if skipped else ""))
-    if out is not None:
-        write_codes(out, packed, runner.info.bits, rows, [s.as_dict() for s in skipped], model)
-        state.remove()
-    seconds = time.perf_counter() - start
-    return EncodeResult(out, rows, packed, skipped, encoded, reused, seconds, runner.describe())
+        rows = [rel for rel in stats if entries[rel][2] is not None]
+        skipped = sorted(
+            [*found.skipped, *skipped, *(Skip(rel, entries[rel][3]) for rel in stats if entries[rel][2] is None)],
+            key=lambda s: sort_key(s.path),
+        )
+        hexes = "".join(entries[rel][2] for rel in rows)
+        packed = np.frombuffer(bytes.fromhex(hexes), np.uint8).reshape(len(rows), runner.info.nbytes)
+        if not rows or (strict and skipped):
+            state.remove()  # these failures write nothing, as --strict promises, not even a state to resume
+            total = len(rows) + len(skipped)
+            failure = f"--strict: {len(skipped)} of {total} files skipped" if rows else "no image could be encoded"
+            raise EncodeError(failure + (f": {first_skips(skipped)}" if skipped else ""))
+        if out is not None:
+            write_codes(out, packed, runner.info.bits, rows, [s.as_dict() for s in skipped], model)
+            state.remove()
+        seconds = time.perf_counter() - start
+        return EncodeResult(out, rows, packed, skipped, encoded, reused, seconds, runner.describe())
 
 
 def first_skips(skipped: list[Skip], n: int = 3) -> str:
@@ -288,7 +327,3 @@ def first_skips(skipped: list[Skip], n: int = 3) -> str:
     shown = "; ".join(f"{display_path(s.path)}: {s.reason}" for s in skipped[:n])
     return shown + ("; ..." if len(skipped) > n else "")
 
-
-def display_path(rel: str) -> str:
-    """A row path safe to print: undecodable bytes of non-UTF-8 names shown as \\xNN escapes."""
-    return os.fsencode(rel).decode("utf-8", "backslashreplace")

@@ -15,6 +15,11 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from dsah_rt.numba_cache import kernel_cache
+from dsah_rt.popcount_numpy import words  # noqa: F401 - the kernels' input layout, re-exported
+
+CACHE = kernel_cache(__file__)
+
 QUERY_BLOCK = 16
 # Tile of database rows kept hot in L1/L2 while a query block sweeps it (in 64-bit words).
 TILE_WORDS = 4096
@@ -56,17 +61,6 @@ def _overlap(qlab, dblab, j, nlab):
     return np.int64(acc != 0)
 
 
-def words(packed: np.ndarray) -> np.ndarray:
-    """(N, B) packed uint8 -> (N, ceil(B/8)) uint64; zero padding keeps distances unchanged."""
-    packed = np.ascontiguousarray(packed, dtype=np.uint8)
-    nwords = (packed.shape[1] + 7) // 8
-    if packed.shape[1] == nwords * 8:
-        return packed.view(np.uint64).reshape(len(packed), nwords)
-    out = np.zeros((len(packed), nwords * 8), dtype=np.uint8)
-    out[:, : packed.shape[1]] = packed
-    return out.view(np.uint64).reshape(len(packed), nwords)
-
-
 def label_words(query_labels: np.ndarray, db_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels as multi-hot uint64 words for the kernels: relevant iff the words share a set bit.
 
@@ -87,7 +81,7 @@ def label_words(query_labels: np.ndarray, db_labels: np.ndarray) -> tuple[np.nda
 # then has nothing to transform inside the block (it mis-compiled slot bookkeeping written inline).
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _relevance_block(qw, dbw, qlab, dblab, bits, q0, nb, out):
     # One query at a time: unlike the label-free histogram, interleaving queries here measured slower.
     # Bin 2*d + relevant, so relevance costs no second increment.
@@ -109,7 +103,7 @@ def _relevance_block(qw, dbw, qlab, dblab, bits, q0, nb, out):
     out[q0 : q0 + nb] = hist.reshape(nb, bits + 1, 2)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def relevance_histograms(qw, dbw, qlab, dblab, bits):
     """(Q, bits+1, 2) int64: counts per distance of irrelevant [.., 0] and relevant [.., 1] items."""
     nq = qw.shape[0]
@@ -120,7 +114,7 @@ def relevance_histograms(qw, dbw, qlab, dblab, bits):
     return out
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _distance_block(qw, dbw, bits, q0, nb, out):
     # Four queries share each database word loaded and keep four independent histogram increments in
     # flight (the increments, not loads or popcounts, bound this loop). Padded queries use spare rows.
@@ -145,7 +139,7 @@ def _distance_block(qw, dbw, bits, q0, nb, out):
     out[q0 : q0 + nb] = hist[:nb]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def distance_histograms(qw, dbw, bits):
     """(Q, bits+1) int64: how many database codes lie at each distance from each query."""
     nq = qw.shape[0]
@@ -156,7 +150,7 @@ def distance_histograms(qw, dbw, bits):
     return out
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _cutoff(hist, k):
     """Distance t and count m such that the top k are all items below t plus the first m at t."""
     below = 0
@@ -167,7 +161,7 @@ def _cutoff(hist, k):
     return hist.shape[0] - 1, hist[hist.shape[0] - 1]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _place_block(qw, dbw, hist, cut, take, base, q0, nb, dist, idx):
     # Query q's items go to the flat dist/idx from base[q] on: every item at distance < cut[q], then
     # the first take[q] at cut[q] (the database is walked in index order, so ties go to the lower index).
@@ -203,7 +197,7 @@ def _place_block(qw, dbw, hist, cut, take, base, q0, nb, dist, idx):
                         s[d] = p + 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def _place(qw, dbw, hist, cut, take, base, dist, idx):
     """Items written straight into their sorted slot: slot = base + items at smaller distances + items
     at the same distance seen so far. Only items at or below the cut-off distance are touched."""
@@ -240,7 +234,7 @@ def range_from_histograms(qw, dbw, hist, radius):
 SMALL_K = 4096  # above this, top-k takes the two-pass histogram route (its memory does not grow with k)
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _bound(hist, k):
     """Smallest distance t with at least k items at distance <= t (len(hist) if there is none)."""
     seen = 0
@@ -251,7 +245,7 @@ def _bound(hist, k):
     return hist.shape[0]
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _compact(bd, bi, count, hist, bound, k):
     """Drop buffered items that can no longer make the top k: beyond the bound, or at the bound
     behind the first ones (ties go to the lower index, and the buffer is in index order)."""
@@ -271,7 +265,7 @@ def _compact(bd, bi, count, hist, bound, k):
     return kept
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _small_topk_block(qw, dbw, bits, k, q0, nb, dist, idx):
     # One pass. Each query keeps a buffer of candidates in index order and a bound: once k items
     # sit at distance <= bound, a later item needs d < bound to enter (an equal one loses the tie on
@@ -331,7 +325,7 @@ def _small_topk_block(qw, dbw, bits, k, q0, nb, dist, idx):
             idx[q0 + qi, p] = bi[qi, i]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def small_topk(qw, dbw, bits, k):
     """Exact top-k by (distance, index) in one pass over the database, for k <= SMALL_K."""
     nq = qw.shape[0]
@@ -343,7 +337,7 @@ def small_topk(qw, dbw, bits, k):
     return dist, idx
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _ap_block(qw, dbw, qlab, dblab, hist, kmax, grid, q0, nb, ap, found, at_grid):
     nwords = qw.shape[1]
     n = dbw.shape[0]
@@ -402,7 +396,7 @@ def _ap_block(qw, dbw, qlab, dblab, hist, kmax, grid, q0, nb, ap, found, at_grid
             found[q0 + qi] += hits
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def index_order_ap(qw, dbw, qlab, dblab, hist, topk, grid):
     """AP per query with ties ordered by database index, from a relevance histogram (Q, bits+1, 2).
 
@@ -428,7 +422,7 @@ def index_order_ap(qw, dbw, qlab, dblab, hist, topk, grid):
     return ap, found, at_grid
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(parallel=True, cache=CACHE, fastmath={"reassoc", "contract"})
 def tie_aware_ap(hist):
     """Tie-aware AP (He et al., CVPR 2018) and its best/worst bounds from (Q, bits+1, 2) histograms.
 

@@ -11,11 +11,20 @@ than extension, so a PNG named .jpg decodes and a text file named .jpg is skippe
 image". Images over `max_pixels` are skipped before their pixels are decoded (decompression-bomb
 guard).
 
-Decoding: EXIF orientation applied, any mode converted to RGB (alpha dropped, palettes expanded,
-CMYK converted), animated images give their first frame, and samples wider than 8 bits (16-bit,
-32-bit integer, float) are scaled to 8 bits, not clipped (the rule: `_to_8_bits`). Resizing: the
-whole image to S x S (aspect ratio not kept, nothing cropped), Pillow's bilinear filter on uint8,
-which widens its support when shrinking (antialiased) and rounds to uint8.
+Decoding: EXIF orientation applied, animated images give their first frame, and every mode becomes
+8-bit RGB by one rule, or the file is skipped with the reason (never a silently black or white one):
+* 8-bit modes ('1', 'L', 'P', 'LA', 'RGB', 'RGBA', 'CMYK', ...): Pillow's conversion to RGB (alpha
+  dropped, palettes expanded, CMYK converted without a colour profile);
+* 16-bit unsigned samples ('I;16*', and 'I' from a PNG or PGM): the high byte, v >> 8, which is what
+  Pillow keeps of 16-bit RGB(A) PNGs and TIFFs, so a grey and a colour file of one picture decode
+  alike; a TIFF's 12-bit samples are scaled from 12 bits;
+* float samples ('F', 32-bit float TIFF): values in [0, 1] times 255, rounded; a file holding any
+  value outside [0, 1], NaN or infinity is skipped: its range (0..255? 0..65535? HDR?) is a guess;
+* signed or 32-bit integer samples (TIFF): skipped, from the header alone: no range is implied
+  (a label map or a depth image in 0..4095 would come out black scaled from 32 bits);
+* a WhiteIsZero TIFF is inverted at every sample width (Pillow itself does so for 1 and 8 bits).
+Resizing: the whole image to S x S (aspect ratio not kept, nothing cropped), Pillow's bilinear
+filter on uint8, which widens its support when shrinking (antialiased) and rounds to uint8.
 """
 
 from __future__ import annotations
@@ -23,17 +32,22 @@ from __future__ import annotations
 import errno
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dsah_rt.errors import DataError
+
 # Decoders allowed to open files: the common photo formats. Pillow would otherwise also try
 # e.g. EPS (which runs Ghostscript) or PDF on whatever bytes a folder holds.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF")
 MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS: ~ a 9459 x 9459 image
+_BITS_PER_SAMPLE, _PHOTOMETRIC, _SAMPLE_FORMAT = 258, 262, 339  # TIFF tags
+_WHITE_IS_ZERO, _SIGNED_INTEGER = 0, 2  # values of _PHOTOMETRIC and _SAMPLE_FORMAT
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,15 @@ def _os_reason(exc: OSError) -> str:
 def scan(path: str | os.PathLike[str], exclude: frozenset[str] = frozenset()) -> Scan:
     """Every entry under `path` (recursively), or `path` itself when it is a file.
 
-    `exclude` holds relative paths to leave out entirely (the encoder's own output files).
+    `exclude` holds relative paths to leave out entirely (the encoder's own output files). A `path`
+    that is neither (a device, socket or pipe) is a DataError; inside a folder such entries are skips.
     """
     path = Path(path)
     if path.is_file():
         return Scan(path.parent, [path.name], [])
+    if path.exists() and not path.is_dir():
+        # Reading a FIFO would block until a writer comes, and /dev/null or /dev/zero is no image.
+        raise DataError(f"{path}: not a file or folder of images (a device, socket or pipe)")
     if not path.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such file or folder", str(path))
     files: list[str] = []
@@ -120,15 +138,16 @@ def scan(path: str | os.PathLike[str], exclude: frozenset[str] = frozenset()) ->
 def find_images(
     path: str | os.PathLike[str], exclude: frozenset[str] = frozenset(), max_pixels: int = MAX_PIXELS
 ) -> Scan:
-    """`scan`, keeping in `files` only what `skip_reason` accepts; the rest joins `skipped`.
+    """`scan`, keeping in `files` only what `decode` accepts (`decode_reasons`); the rest joins `skipped`.
 
-    For loaders that list a folder now and decode each image later (training): only headers
-    are read, so a file that opens but is truncated still fails when it is decoded.
+    For loaders that list a folder now and decode each image later, every epoch (training): each
+    file is decoded once here, so a truncated file or a refused sample type is a skip now rather
+    than an error after an epoch.
     """
     found = scan(path, exclude)
     files, skipped = [], list(found.skipped)
-    for rel in found.files:
-        reason = skip_reason(found.root / rel, max_pixels)
+    reasons = decode_reasons([found.root / rel for rel in found.files], max_pixels)
+    for rel, reason in zip(found.files, reasons):
         if reason is None:
             files.append(rel)
         else:
@@ -145,6 +164,23 @@ def skip_reason(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> s
     except ImageSkip as exc:
         return str(exc)
     return None
+
+
+def decode_reasons(paths: Sequence[str | os.PathLike[str]], max_pixels: int = MAX_PIXELS) -> list[str | None]:
+    """Per path, None when `decode` succeeds on it, else why it is skipped; the pixels are discarded.
+
+    Unlike `skip_reason` the whole file is decoded, so this costs one decode of every file; threads
+    share it, as Pillow's decoders release the GIL."""
+
+    def reason(path: str | os.PathLike[str]) -> str | None:
+        try:
+            _decode_rgb(path, max_pixels)
+        except ImageSkip as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dsah-check") as pool:
+        return list(pool.map(reason, paths))
 
 
 def decode(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -185,12 +221,33 @@ def _open(source, max_pixels: int):  # noqa: ANN001, ANN202 - PIL is imported la
     elif os.path.getsize(source) == 0:
         raise ImageSkip("empty file (0 bytes)")
     img = Image.open(source, formats=FORMATS)
+    try:
+        _check_header(img, max_pixels)
+    except ImageSkip:
+        img.close()
+        raise
+    return img
+
+
+def _check_header(img, max_pixels: int) -> None:  # noqa: ANN001
+    """ImageSkip for what the header alone rules out: too many pixels, samples without an 8-bit reading."""
     width, height = img.size
     if width * height > max_pixels:
-        img.close()
         pixels = width * height
         raise ImageSkip(f"too large: {width}x{height} = {pixels} pixels > {max_pixels} (decompression-bomb guard)")
-    return img
+    if img.format != "TIFF":
+        return  # Pillow gives 'I' for a PNG's or PGM's 16-bit samples too: those are unsigned
+    # Pillow reads 8-bit signed samples as unsigned (-1 as 255) and widens 16-bit ones to 'I'.
+    signed = _tiff_tag(img, _SAMPLE_FORMAT) == _SIGNED_INTEGER
+    if signed or img.mode == "I":
+        kind = f"{_tiff_tag(img, _BITS_PER_SAMPLE)}-bit {'signed ' if signed else ''}integer samples"
+        raise ImageSkip(f"{kind}: no range to scale to 8 bits (save as unsigned 8- or 16-bit, or float in [0, 1])")
+
+
+def _tiff_tag(img, tag: int) -> int:  # noqa: ANN001
+    """A TIFF tag's first value (one per sample for the per-sample tags), or its default, 1."""
+    value = img.tag_v2.get(tag, 1)
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _decode_rgb(source, max_pixels: int):  # noqa: ANN001, ANN202
@@ -198,7 +255,10 @@ def _decode_rgb(source, max_pixels: int):  # noqa: ANN001, ANN202
 
     with _skip_on_error(), _open(source, max_pixels) as img:
         img.load()  # a truncated file opens fine and fails only here
-        return _to_rgb(ImageOps.exif_transpose(img))
+        # Read before exif_transpose, whose copy of the image has lost the TIFF header.
+        bits = _tiff_tag(img, _BITS_PER_SAMPLE) if img.format == "TIFF" else 16
+        inverted = img.format == "TIFF" and _tiff_tag(img, _PHOTOMETRIC) == _WHITE_IS_ZERO
+        return _to_rgb(ImageOps.exif_transpose(img), bits, inverted)
 
 
 def _resize_rgb(rgb, size: int):  # noqa: ANN001, ANN202
@@ -207,34 +267,32 @@ def _resize_rgb(rgb, size: int):  # noqa: ANN001, ANN202
     return rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.Resampling.BILINEAR)
 
 
-def _to_rgb(img):  # noqa: ANN001, ANN202
+def _to_rgb(img, bits: int, inverted: bool):  # noqa: ANN001, ANN202
     """An RGB Pillow image from any mode; the integer and float modes by the rule of `_to_8_bits`."""
     if img.mode.startswith("I") or img.mode == "F":
         from PIL import Image
 
-        return Image.fromarray(_to_8_bits(np.asarray(img), img.mode)).convert("RGB")
+        return Image.fromarray(_to_8_bits(np.asarray(img), img.mode, bits, inverted)).convert("RGB")
     return img.convert("RGB")
 
 
-def _to_8_bits(values: np.ndarray, mode: str) -> np.ndarray:
-    """uint8 from the samples of Pillow's single-channel modes wider than 8 bits.
+def _to_8_bits(values: np.ndarray, mode: str, bits: int, inverted: bool) -> np.ndarray:
+    """uint8 from the samples of Pillow's single-channel modes wider than 8 bits, by the module's rule.
 
     Pillow's own convert clips these at 255 (a 16-bit photo turns almost white, a [0, 1] float
-    image black), so each is scaled from the range its data is stored in:
-    * 'I;16*' (16-bit PNG, TIFF): the high byte, v >> 8, which is what Pillow itself keeps of a
-      16-bit RGB(A) PNG, so a grey and a colour 16-bit file of one picture decode alike;
-    * 'I' (32-bit signed): negatives are 0; an image whose values all fit in 16 bits holds
-      16-bit data (older Pillow opens 16-bit PNGs as 'I') and keeps its high byte, any other is
-      scaled from 0..2^31-1, v >> 23;
-    * 'F' (32-bit float): the [0, 1] convention of float images, clipped to it, rounded (v * 255),
-      NaN as 0.
+    image black). `bits` is the stored sample width (a 12-bit TIFF's samples are held unscaled in
+    'I;16'), `inverted` a WhiteIsZero TIFF's, which Pillow inverts for 1- and 8-bit samples only.
     """
     if mode == "F":
-        unit = np.clip(np.nan_to_num(values.astype(np.float64), nan=0.0), 0.0, 1.0)
-        return np.round(unit * 255).astype(np.uint8)
-    ints = np.maximum(values.astype(np.int64), 0)
-    shift = 8 if mode != "I" or ints.size == 0 or ints.max() <= 0xFFFF else 23
-    return (ints >> shift).astype(np.uint8)
+        if not np.isfinite(values).all():
+            raise ImageSkip("float samples include NaN or infinity; a float image must hold values in [0, 1]")
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 1:
+            raise ImageSkip(f"float samples span {low:g} to {high:g}; a float image must hold values in [0, 1]")
+        scaled = np.round(values.astype(np.float64) * 255).astype(np.uint8)
+    else:
+        scaled = (values.astype(np.uint32) >> (bits - 8)).astype(np.uint8)
+    return 255 - scaled if inverted else scaled
 
 
 @contextmanager

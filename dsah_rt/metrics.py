@@ -1,7 +1,8 @@
 """Retrieval metrics over Hamming ranking: MAP (index-order and tie-aware), P@k, R@k, PR, radius.
 
 Conventions (stated once, used by the CLI, the trainer and the benchmarks alike):
-- Relevant: same class id, or (multi-hot labels) at least one shared label.
+- Relevant: same class id (compared exactly, as integers), or (multi-hot labels) at least one
+  shared label. Class ids cost O(database) memory whatever their number (one id per object too).
 - Ranking: by Hamming distance, ties by database index. No database item is dropped.
 - AP@all averages precision at every relevant item. AP@K (topk) averages over the relevant items
   retrieved in the top K (the deep-hashing codebases' `CalcTopMap` normalisation). A query with no
@@ -17,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from dsah_rt import hamming
-from dsah_rt.codes import read_codes, read_labels, to_packed
+from dsah_rt.codes import check_same_model, read_codes, read_labels, to_packed
 from dsah_rt.errors import CodesError
 
 
@@ -42,6 +44,44 @@ def _check_labels(qlab: np.ndarray, dblab: np.ndarray, nq: int, ndb: int) -> Non
             raise CodesError(f"{name}: {len(lab)} rows but the codes have {rows} rows")
     if qlab.ndim != dblab.ndim or (qlab.ndim == 2 and qlab.shape[1] != dblab.shape[1]):
         raise CodesError(f"query labels {qlab.shape} and database labels {dblab.shape} are of different kinds")
+    if qlab.ndim == 1 and not (qlab.dtype.kind in "biu" and dblab.dtype.kind in "biu"):
+        raise CodesError(f"class ids must be integers, got {qlab.dtype} (query) and {dblab.dtype} (database)")
+
+
+def _common_ids(qlab: np.ndarray, dblab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' class ids in one integer type that holds every id exactly.
+
+    NumPy's common type of uint64 and int64 is float64, which merges ids above 2^53 (2^60 and
+    2^60 + 1 become one class), so the type is chosen by the values instead.
+    """
+    for dtype in (np.int64, np.uint64):
+        lo, hi = np.iinfo(dtype).min, np.iinfo(dtype).max
+        if all(not lab.size or (lo <= int(lab.min()) and int(lab.max()) <= hi) for lab in (qlab, dblab)):
+            return qlab.astype(dtype), dblab.astype(dtype)
+    raise CodesError("class ids range from below 0 to above 2^63 - 1: no integer type holds them all")
+
+
+def _label_words(qlab: np.ndarray, dblab: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(query rows, their label words, the database's label words) for the kernels, which count an
+    item relevant when its words share a set bit with the query's.
+
+    Multi-hot labels are one group, packed as they are. Class ids go in groups of queries with at
+    most 64 distinct ids: bit i of a word marks the group's i-th id, and a database item whose id is
+    none of them gets no bit. One word per item per group keeps memory O(database), where a one-hot
+    row over every id would be O(database x classes).
+    """
+    if qlab.ndim == 2:
+        yield np.arange(len(qlab)), *hamming.label_words(qlab, dblab)
+        return
+    qids, dbids = _common_ids(qlab, dblab)
+    ids, slot = np.unique(qids, return_inverse=True)
+    one = np.uint64(1)
+    for start in range(0, len(ids), 64):
+        group = ids[start : start + 64]
+        rows = np.flatnonzero((slot >= start) & (slot < start + len(group)))
+        at = np.minimum(np.searchsorted(group, dbids), len(group) - 1)
+        db_words = np.where(group[at] == dbids, one << at.astype(np.uint64), np.uint64(0))
+        yield rows, (one << (slot[rows] - start).astype(np.uint64))[:, None], db_words[:, None]
 
 
 @dataclass(frozen=True)
@@ -71,6 +111,7 @@ class Evaluation:
     pr_curve: dict[str, list[float]]
     precision_at_k: dict[str, list[float]]
     recall_at_k: dict[str, list[float]]
+    load_seconds: float = 0.0  # reading and checking the files (`evaluate_files`); `seconds` is the evaluation
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, led by its format key so a reader can tell the layout's version."""
@@ -105,9 +146,13 @@ def evaluate(
 
     start = time.perf_counter()
     qw, dw = hamming.words(qp), hamming.words(dp)
-    qlw, dlw = hamming.label_words(qlab, dblab)
-    hist = hamming.relevance_histograms(qw, dw, qlw, dlw, k)
-    ap, found, at_grid = hamming.index_order_ap(qw, dw, qlw, dlw, hist, topk or 0, grid)
+    hist = np.empty((len(qp), k + 1, 2), np.int64)
+    ap, found = np.empty(len(qp)), np.empty(len(qp), np.int64)
+    at_grid = np.empty((len(qp), len(grid)), np.int64)
+    for rows, qlw, dlw in _label_words(qlab, dblab):
+        qw_rows = np.ascontiguousarray(qw[rows])
+        hist[rows] = hamming.relevance_histograms(qw_rows, dw, qlw, dlw, k)
+        ap[rows], found[rows], at_grid[rows] = hamming.index_order_ap(qw_rows, dw, qlw, dlw, hist[rows], topk or 0, grid)
     tie_mean, tie_best, tie_worst = hamming.tie_aware_ap(hist)
     seconds = time.perf_counter() - start
 
@@ -151,13 +196,21 @@ def evaluate_files(
     bits: int | None = None,
     topk: int | None = None,
     radius: int = 2,
-    zeros_as: str | None = None,
+    zeros_as: int | None = None,
+    allow_mixed_models: bool = False,
 ) -> Evaluation:
-    """`dsah-rt eval`: `evaluate` on codes and labels files (`zeros_as` as for `read_codes`)."""
+    """`dsah-rt eval`: `evaluate` on codes and labels files (`zeros_as` as for `read_codes`).
+
+    Codes whose manifests name different models are refused unless `allow_mixed_models`.
+    """
+    start = time.perf_counter()
     q = read_codes(query_codes, bits, zeros_as=zeros_as)
     d = read_codes(db_codes, bits, zeros_as=zeros_as)
     if q.bits != d.bits:
         raise CodesError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
+    check_same_model({str(query_codes): q.fingerprint, str(db_codes): d.fingerprint}, allow_mixed_models)
     ql = read_labels(query_labels, rows=len(q))
     dl = read_labels(db_labels, rows=len(d))
-    return evaluate(q.packed, d.packed, ql, dl, bits=q.bits, topk=topk, radius=radius)
+    loaded = time.perf_counter() - start
+    result = evaluate(q.packed, d.packed, ql, dl, bits=q.bits, topk=topk, radius=radius)
+    return dataclasses.replace(result, load_seconds=loaded)

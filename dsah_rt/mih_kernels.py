@@ -18,11 +18,13 @@ import numpy as np
 from numba import njit, prange
 
 from dsah_rt.hamming import _distance, _popcount
+from dsah_rt.mih_layout import BASE, BUCKET_BITS, FIRST, LENGTH, NO_LIMIT
+from dsah_rt.numba_cache import kernel_cache
+
+CACHE = kernel_cache(__file__)
 
 # _BINOM[s, r]: the number of s-bit keys at Hamming distance r from a given one (probes per step).
 _BINOM = np.array([[math.comb(s, r) for r in range(33)] for s in range(33)], np.int64)
-FIRST, LENGTH, BUCKET_BITS, BASE = range(4)
-NO_LIMIT = np.iinfo(np.int64).max
 # Work is counted in candidates (a sequential read of a row); a probe (random reads of offsets and
 # rows) weighs as PROBE_WEIGHT of them.
 PROBE_WEIGHT = 16
@@ -46,7 +48,7 @@ def _key(row, first, length):
     return (v >> (8 * (hi + 1) - first - length)) & ((np.int64(1) << length) - 1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def keys(rows, first, length):
     """(N,) int64: every row's key for the substring [first, first + length)."""
     out = np.empty(rows.shape[0], np.int64)
@@ -55,7 +57,7 @@ def keys(rows, first, length):
     return out
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def counting_sort(digits, order, nbuckets):
     """`order` stably sorted by digits[order], and the bucket offsets (nbuckets + 1,) int64."""
     offsets = np.zeros(nbuckets + 1, np.int64)
@@ -151,7 +153,7 @@ def _verify(q, table, ids, lo, hi, qkeys, layout, j, r, k, radius, held, out, di
     return held
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _probe(q, rows, perm, low, offsets, layout, k, radius, budget, out):
     """Steps (r, j) = (0, 0), (0, 1), .., (0, m-1), (1, 0), ..: every key of table j within r bits of
     the query's; each item reached for the first time is verified by its full distance.
@@ -212,7 +214,7 @@ def _probe(q, rows, perm, low, offsets, layout, k, radius, budget, out):
 # then has nothing to transform inside the loop body.
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _topk_one(q, rows, perm, low, offsets, layout, budget, out):
     if _probe(q, rows, perm, low, offsets, layout, out.shape[0], -1, budget, out) < 0:
         return False
@@ -220,7 +222,7 @@ def _topk_one(q, rows, perm, low, offsets, layout, budget, out):
     return True
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def topk(qw, rows, perm, low, offsets, layout, k, budget):
     """(Q, k) keys (distance << 32 | id) in ascending order, and whether each query stayed in budget
     (the rows of those that did not are undefined)."""
@@ -232,7 +234,7 @@ def topk(qw, rows, perm, low, offsets, layout, k, budget):
     return out, ok
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def range_counts(qw, rows, perm, low, offsets, layout, radius, budget):
     """Items within `radius` of each query, or -1 where the query passed its budget."""
     nq = qw.shape[0]
@@ -242,13 +244,13 @@ def range_counts(qw, rows, perm, low, offsets, layout, radius, budget):
     return counts
 
 
-@njit(cache=True)
+@njit(cache=CACHE)
 def _range_one(q, rows, perm, low, offsets, layout, radius, out):
     _probe(q, rows, perm, low, offsets, layout, 0, radius, NO_LIMIT, out)
     out[:] = np.sort(out)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=CACHE)
 def range_fill(qw, rows, perm, low, offsets, layout, radius, which, lims, out):
     """Query which[t]'s items, as sorted keys, into out[lims[q]:lims[q + 1]] (sized by range_counts)."""
     for t in prange(which.shape[0]):

@@ -5,7 +5,8 @@
 
 For image queries the database must be a codes file written by `dsah-rt encode` (its manifest names
 the rows) with the same model: codes of two different models are not comparable, so a different
-fingerprint or code length is refused.
+code length is refused, and so is a different fingerprint (there and between two codes files)
+unless `allow_mixed_models`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dsah_rt.codes import nbytes_for, read_codes
+from dsah_rt.atomic import atomic_write
+from dsah_rt.codes import check_same_model, nbytes_for, read_codes
 from dsah_rt.encode import display_path, encode_folder
 from dsah_rt.errors import CodesError, UserError
 from dsah_rt.index import build_index, load_index
@@ -27,12 +29,20 @@ from dsah_rt.runners import make_runner
 
 @dataclass
 class CodesSearch:
-    """Top-k of every query code: distances (Q, k) int32, indices (Q, k) int64, seconds of the search alone."""
+    """Top-k of every query code: distances (Q, k) int32, indices (Q, k) int64, `seconds` of the search
+    (in a fresh process that includes loading the kernels: what a user waits for), `load_seconds`
+    of reading the files and building the index."""
 
     distances: np.ndarray
     indices: np.ndarray
     seconds: float
     database: int
+    load_seconds: float = 0.0
+
+    def save(self, out: str | os.PathLike[str]) -> None:
+        """The result file of `dsah-rt search` and `index search`: an npz of every field but `database`."""
+        atomic_write(out, lambda fh: np.savez(fh, indices=self.indices, distances=self.distances,
+                                              seconds=np.float64(self.seconds), load_seconds=np.float64(self.load_seconds)))  # fmt: skip
 
 
 def search_codes(
@@ -42,13 +52,16 @@ def search_codes(
     index: str | os.PathLike[str] | None = None,
     bits: int | None = None,
     zeros_as: int | None = None,
+    allow_mixed_models: bool = False,
 ) -> CodesSearch:
     """Top-k for the codes in `query_codes`, against a codes file (exact search) or a saved index of any kind.
 
-    `zeros_as` (+1 or -1) reads ±1 codes files that hold exact zeros (`read_codes`).
+    `zeros_as` (+1 or -1) reads ±1 codes files that hold exact zeros (`read_codes`). Two codes files
+    whose manifests name different models are refused unless `allow_mixed_models`.
     """
     if (db_codes is None) == (index is None):
         raise UserError("give exactly one of --db-codes and --index")
+    loading = time.perf_counter()
     if index is not None:
         source, db = index, load_index(index, mmap=True)
         q = read_codes(query_codes, bits, zeros_as=zeros_as)
@@ -60,12 +73,13 @@ def search_codes(
         q = read_codes(query_codes, d.bits if bits is None else bits, zeros_as=zeros_as)
         if q.bits != d.bits:
             raise CodesError(f"{query_codes} has {q.bits}-bit codes but {db_codes} has {d.bits}-bit codes")
+        check_same_model({str(db_codes): d.fingerprint, str(query_codes): q.fingerprint}, allow_mixed_models)
         db = build_index(d.packed, "exact", d.bits)
     if not 1 <= k <= db.ntotal:
         raise CodesError(f"{source}: -k {k} must be between 1 and the database size {db.ntotal}")
     start = time.perf_counter()
     distances, indices = db.search(q.packed, k)
-    return CodesSearch(distances, indices, time.perf_counter() - start, db.ntotal)
+    return CodesSearch(distances, indices, time.perf_counter() - start, db.ntotal, start - loading)
 
 
 def search_images(
@@ -77,6 +91,7 @@ def search_images(
     batch: int = 32,
     workers: int | None = None,
     threads: int | None = None,
+    allow_mixed_models: bool = False,
 ) -> dict[str, Any]:
     """Top-k database rows for every image under `query` (a file or a folder).
 
@@ -92,12 +107,7 @@ def search_images(
     with make_runner(model, backend, threads=threads) as runner:
         if runner.info.bits != db.bits:
             raise CodesError(f"{model} makes {runner.info.bits}-bit codes but {db_codes} holds {db.bits}-bit codes")
-        db_print = (db.model or {}).get("fingerprint")
-        if db_print is not None and db_print != runner.info.fingerprint:
-            raise CodesError(
-                f"{db_codes} was encoded by another model (fingerprint {db_print[:12]}, {model} is "
-                f"{runner.info.fingerprint[:12]}); its codes are not comparable"
-            )
+        check_same_model({str(model): runner.info.fingerprint, str(db_codes): db.fingerprint}, allow_mixed_models)
         encoded = encode_folder(query, None, runner, batch=batch, workers=workers)
         described = runner.describe()
     distances, indices = build_index(db.packed, "exact", db.bits).search(encoded.codes, k)

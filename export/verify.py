@@ -20,7 +20,7 @@ import numpy as np
 
 from dsah_rt.codes import binarize, pack, unpack
 from dsah_rt.errors import UserError
-from dsah_rt.runners.base import ModelInfo, Runner
+from dsah_rt.runners.base import ModelInfo, Runner, check_output_contract
 
 BATCHES = (1, 3, 17)
 
@@ -62,13 +62,7 @@ def check_onnx_graph(path: str | os.PathLike[str], info: ModelInfo) -> dict[str,
         t = value.type.tensor_type
         dims = [d.dim_param or d.dim_value for d in t.shape.dim]
         outputs[value.name] = (onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
-    expected = {"codes": ("uint8", [info.nbytes])}
-    if info.with_u:
-        expected["u"] = ("float32", [info.bits])
-    for name, (dtype, tail) in expected.items():
-        got = outputs.get(name)
-        if got is None or got[0] != dtype or len(got[1]) != 2 or got[1][1:] != tail or isinstance(got[1][0], int):
-            raise VerifyError(f"{path}: output {name} is {got}, expected {dtype} [batch, {tail[0]}]")
+    check_output_contract(outputs, info, str(path))
     return {"checker": "ok (full_check)", "shape_inference": "ok (strict)", "outputs": outputs}
 
 

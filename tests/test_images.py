@@ -172,22 +172,32 @@ def test_16_bit_grey_and_colour_files_of_one_picture_decode_alike(tmp_path):
     np.testing.assert_array_equal(grey, colour)
 
 
-def test_float_tiff_is_clipped_to_unit_range_then_scaled(tmp_path):
-    values = np.array([[-0.5, 0.0, 0.2, 0.5], [1 / 255, 0.999, 1.0, 7.0], [np.nan, 0.25, 0.75, 1e-9]], np.float32)
+def test_float_tiff_in_unit_range_is_scaled(tmp_path):
+    values = np.array([[0.0, 0.2, 0.5, 1 / 255], [0.999, 1.0, 1e-9, 0.75]], np.float32)
     path = _save(tmp_path / "f.tif", Image.fromarray(values))
     assert Image.open(path).mode == "F"
-    expected = np.round(np.clip(np.nan_to_num(values.astype(np.float64), nan=0), 0, 1) * 255)
-    np.testing.assert_array_equal(decode(path), _grey(expected))
-    assert decode(path)[0, 2, 0] == 51  # 0.2 * 255: not black, as Pillow's convert makes it
+    np.testing.assert_array_equal(decode(path), _grey(np.round(values.astype(np.float64) * 255)))
+    assert decode(path)[0, 1, 0] == 51  # 0.2 * 255: not black, as Pillow's convert makes it
 
 
-def test_int32_tiff_scales_by_the_range_its_values_use(tmp_path):
-    wide = np.array([[-5, 0, 65536, 2**30], [2**31 - 1, 2**23, 2**24, 123456789]], np.int32)
-    path = _save(tmp_path / "i32.tif", Image.fromarray(wide))
+@pytest.mark.parametrize("values, words", [
+    ([[0.0, 0.5], [1.0, 7.0]], "span 0 to 7"),  # not clipped to an all-white image
+    ([[-0.5, 0.0], [0.2, 1.0]], "span -0.5 to 1"),
+    ([[np.nan, 0.0], [0.2, 1.0]], "NaN"),
+    ([[np.inf, 0.0], [0.2, 1.0]], "infinity"),
+])  # fmt: skip
+def test_float_tiff_outside_unit_range_is_skipped_after_decoding(tmp_path, values, words):
+    path = _save(tmp_path / "f.tif", Image.fromarray(np.array(values, np.float32)))
+    assert skip_reason(path) is None  # only the pixels tell
+    reason = _reason(path)
+    assert words in reason and "[0, 1]" in reason
+
+
+def test_int32_tiff_is_skipped_from_its_header(tmp_path):
+    path = _save(tmp_path / "i32.tif", Image.fromarray(np.array([[0, 255], [256, 65535]], np.int32)))
     assert Image.open(path).mode == "I"
-    np.testing.assert_array_equal(decode(path), _grey(np.maximum(wide.astype(np.int64), 0) >> 23))
-    narrow = np.array([[0, 255, 256, 65535]], np.int32)  # 16-bit data held in 'I' (older Pillow's 16-bit PNG)
-    np.testing.assert_array_equal(decode(_save(tmp_path / "i16.tif", Image.fromarray(narrow))), _grey(narrow >> 8))
+    assert skip_reason(path) == _reason(path)
+    assert "32-bit signed integer samples" in _reason(path)  # not black (v >> 23) nor a guessed range
 
 
 @pytest.mark.parametrize("mode", ["P", "L", "LA", "1", "RGBA"])
@@ -242,6 +252,15 @@ def test_truncated_files(tmp_path, fmt):
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     assert "cannot decode" in _reason(path)
+
+
+def test_find_images_decodes_each_file_so_a_truncated_one_is_a_skip(tmp_path):
+    good = _save(tmp_path / "ok.png", Image.fromarray(_rgb(64, 64)))
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:200])
+    assert skip_reason(tmp_path / "cut.png") is None  # the header is whole
+    found = find_images(tmp_path)
+    assert found.files == ["ok.png"]
+    assert [(s.path, s.reason) for s in found.skipped] == [("cut.png", _reason(tmp_path / "cut.png"))]
 
 
 def test_non_image_bytes_with_an_image_extension(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from cli_checks import assert_one_line_error
+from dsah_rt import popcount_numpy
 from dsah_rt.cli import main
 from dsah_rt.codes import pack, swap_bit_order, write_codes
 from dsah_rt.errors import SearchIndexError
@@ -79,16 +81,32 @@ def test_protocol_conformance(spec, tmp_path):
 
 
 @few
-@given(code_sets(max_db=80), st.data())
-def test_exact_kind_equals_stable_brute_force_ranking(case, data):
+@given(code_sets(max_db=80), st.data(), st.sampled_from(["numpy", "numba"]))
+def test_exact_kind_equals_stable_brute_force_ranking(case, data, path):
     bits, q01, db01, _, _ = case
     K = data.draw(st.integers(1, len(db01)))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(db01)), max_size=4)))
     index = index_factory("exact", bits)
     for a, b in zip([0, *cuts], [*cuts, len(db01)]):  # several adds grow the buffer
         index.add(pack(db01[a:b]))
-    D, I = index.search(pack(q01), K)
+    # inputs this small take NumPy's path (cold start); without the threshold, the kernels'
+    with mock.patch.object(popcount_numpy, "TINY_WORK", popcount_numpy.TINY_WORK if path == "numpy" else -1):
+        D, I = index.search(pack(q01), K)
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
+
+
+def test_a_tiny_search_runs_without_numba(tmp_path):
+    """A fresh `dsah-rt search` on a few codes never imports Numba, and reports its load time."""
+    rng = np.random.default_rng(0)
+    write_codes(tmp_path / "db.npy", pack(rng.integers(0, 2, (50, 48), dtype=np.uint8)), bits=48)
+    write_codes(tmp_path / "q.npy", pack(rng.integers(0, 2, (5, 48), dtype=np.uint8)), bits=48)
+    program = ("import sys; from dsah_rt.cli import main; sys.argv = ['dsah-rt', 'search', '--db-codes', 'db.npy', "
+               "'--query-codes', 'q.npy', '-k', '3', '--out', 'r.npz']\n"
+               "try:\n    main()\nexcept SystemExit:\n    pass\nprint('numba' in sys.modules)")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "False", res.stderr
+    with np.load(tmp_path / "r.npz") as r:
+        assert r["load_seconds"] > 0 and r["seconds"] >= 0 and r["indices"].shape == (5, 3)
 
 
 @few

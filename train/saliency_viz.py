@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dsah_rt.atomic import atomic_write
-from dsah_rt.encode import display_path, first_skips
-from dsah_rt.errors import DataError, UserError
+from dsah_rt.encode import first_skips
+from dsah_rt.errors import DataError, UserError, display_path
 from dsah_rt.images import ImageSkip, Skip, decode, resize, scan
 from dsah_rt.train.methods import get_method
 from dsah_rt.train.models import DSaH

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsah_rt import hamming
+from dsah_rt import popcount_numpy
 from dsah_rt.atomic import atomic_write
 from dsah_rt.codes import MAX_BITS, nbytes_for, to_packed
 from dsah_rt.errors import CodesError, SearchIndexError
@@ -76,16 +76,22 @@ class BinaryIndex:
 
     def _query_words(self, queries: np.ndarray) -> np.ndarray:
         packed, _ = to_packed(queries, self.bits, where="query codes")
-        return hamming.words(packed)
+        return popcount_numpy.words(packed)
 
     def rank_histograms(self, queries: np.ndarray) -> np.ndarray:
         """(Q, bits+1) int64: database codes at each Hamming distance from each query."""
+        from dsah_rt import hamming  # Numba, imported when a kernel first runs (cold start)
+
         return hamming.distance_histograms(self._query_words(queries), self._words, self.bits)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by (distance, index). k may equal ntotal for a full ranking (a counting sort)."""
         check_k(k, self.ntotal)
         qw = self._query_words(queries)
+        if popcount_numpy.is_tiny(len(qw), self._n, qw.shape[1]):
+            return popcount_numpy.topk(qw, self._words, k)
+        from dsah_rt import hamming
+
         if k <= hamming.SMALL_K:
             return hamming.small_topk(qw, self._words, self.bits, k)
         hist = hamming.distance_histograms(qw, self._words, self.bits)
@@ -93,6 +99,8 @@ class BinaryIndex:
 
     def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every code at distance <= radius, by (distance, index): (lims, distances, indices)."""
+        from dsah_rt import hamming
+
         check_radius(radius)
         qw = self._query_words(queries)
         hist = hamming.distance_histograms(qw, self._words, self.bits)

@@ -34,13 +34,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsah_rt import hamming, mih_kernels
+from dsah_rt import popcount_numpy
 from dsah_rt.atomic import atomic_write
 from dsah_rt.codes import MAX_BITS, to_packed
 from dsah_rt.errors import SearchIndexError
 from dsah_rt.index.base import check_k, check_radius
 from dsah_rt.index.exact import MAGIC, BinaryIndex, read_footer
-from dsah_rt.mih_kernels import BASE, BUCKET_BITS, FIRST, LENGTH
+from dsah_rt.mih_layout import BASE, BUCKET_BITS, FIRST, LENGTH, NO_LIMIT
 
 FORMAT = "dsah-rt-mih/1"
 MAX_SUBSTRING = 32
@@ -105,6 +105,13 @@ class Tables(NamedTuple):
         }
 
 
+def _kernels():
+    """The Numba kernels, imported when first used: opening the index package must not start Numba."""
+    from dsah_rt import mih_kernels
+
+    return mih_kernels
+
+
 def build_tables(words: np.ndarray, layout: np.ndarray) -> Tables:
     """Each table sorted by key, stably (ties by id): one counting sort per table, two (low bits
     first, radix-style) where buckets hold several keys."""
@@ -113,12 +120,12 @@ def build_tables(words: np.ndarray, layout: np.ndarray) -> Tables:
         raise SearchIndexError(f"an MIH index holds fewer than 2**32 codes, not {n}")
     arrays = {name: np.empty(shape, dtype) for name, (dtype, shape) in Tables.shapes(layout, n, nwords).items()}
     for j, (first, length, bucket_bits, base) in enumerate(layout):
-        key = mih_kernels.keys(words, first, length)
+        key = _kernels().keys(words, first, length)
         shift = length - bucket_bits
         order = np.arange(n, dtype=np.uint32)
         if shift:
-            order, _ = mih_kernels.counting_sort(key & ((1 << shift) - 1), order, 1 << shift)
-        perm, offsets = mih_kernels.counting_sort(key >> shift, order, 1 << bucket_bits)
+            order, _ = _kernels().counting_sort(key & ((1 << shift) - 1), order, 1 << shift)
+        perm, offsets = _kernels().counting_sort(key >> shift, order, 1 << bucket_bits)
         arrays["perm"][j] = perm
         arrays["offsets"][base : base + len(offsets)] = offsets
         if shift:
@@ -170,14 +177,14 @@ class MIHIndex(BinaryIndex):
         return self._tables
 
     def _budget(self) -> int:
-        return self.ntotal // self.scan_cost if self.scan_cost else mih_kernels.NO_LIMIT
+        return self.ntotal // self.scan_cost if self.scan_cost else NO_LIMIT
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         check_k(k, self.ntotal)
         if self.scan_cost and k * self.scan_cost >= self.ntotal:  # k candidates alone would cost a scan
             return super().search(queries, k)
         packed, _ = to_packed(queries, self.bits, where="query codes")
-        entries, ok = mih_kernels.topk(hamming.words(packed), *self.tables(), k, self._budget())
+        entries, ok = _kernels().topk(popcount_numpy.words(packed), *self.tables(), k, self._budget())
         distances, indices = (entries >> 32).astype(np.int32), entries & _KEY_ID
         if not ok.all():
             distances[~ok], indices[~ok] = super().search(packed[~ok], k)
@@ -187,15 +194,15 @@ class MIHIndex(BinaryIndex):
         check_radius(radius)
         radius = min(radius, self.bits)  # the kernels take int64; nothing is farther than bits
         packed, _ = to_packed(queries, self.bits, where="query codes")
-        qw, tables = hamming.words(packed), self.tables()
-        counts = mih_kernels.range_counts(qw, *tables, radius, self._budget())
+        qw, tables = popcount_numpy.words(packed), self.tables()
+        counts = _kernels().range_counts(qw, *tables, radius, self._budget())
         scanned = counts < 0
         if scanned.any():
             slims, sdist, sidx = super().range_search(packed[scanned], radius)
             counts[scanned] = np.diff(slims)
         lims = np.concatenate([[0], np.cumsum(counts)])
         entries = np.empty(lims[-1], np.int64)
-        mih_kernels.range_fill(qw, *tables, radius, np.flatnonzero(~scanned), lims, entries)
+        _kernels().range_fill(qw, *tables, radius, np.flatnonzero(~scanned), lims, entries)
         distances, indices = (entries >> 32).astype(np.int32), entries & _KEY_ID
         if scanned.any():
             # Scanned queries' hits, moved from their packed run to their query's place.

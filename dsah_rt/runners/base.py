@@ -88,15 +88,39 @@ class ModelInfo:
                 f"{where}: not a dsah-rt model (metadata format is {found!r}, expected {MODEL_FORMAT!r}); "
                 "export one with 'dsah-rt export RUN_DIR --out model.onnx'"
             )
+        from dsah_rt.codes import MAX_BITS
+
         try:
             values = {f.name: _parse(str(f.type), meta[META_PREFIX + f.name]) for f in fields(cls)}
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelError(f"{where}: dsah-rt metadata is incomplete or malformed ({exc!r})") from None
+        if not 1 <= values["bits"] <= MAX_BITS or values["input_size"] < 1:
+            raise ModelError(
+                f"{where}: metadata bits {values['bits']} or input size {values['input_size']} is out of range "
+                f"(bits 1..{MAX_BITS}, input size >= 1)"
+            )
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:
         """What a codes manifest records about the model that made its codes."""
         return {k: v for k, v in asdict(self).items() if k not in ("with_u", "format")}
+
+
+def check_output_contract(outputs: dict[str, tuple[str, list[Any]]], info: ModelInfo, where: str) -> None:
+    """Refuse a model whose outputs are not what `info` promises: `codes` uint8 [batch, ceil(k/8)]
+    (and `u` float32 [batch, k] when exported with it), the batch dynamic.
+
+    `outputs` maps each output's name to its element type (a NumPy dtype name) and its dims, a
+    dynamic one as a name or None. Runners check the graph they load with it, `verify` the shapes
+    ONNX infers: a model that breaks it would otherwise fail inside `encode`, mid-way.
+    """
+    expected = {"codes": ("uint8", info.nbytes)}
+    if info.with_u:
+        expected["u"] = ("float32", info.bits)
+    for name, (dtype, width) in expected.items():
+        got = outputs.get(name)
+        if got is None or got[0] != dtype or len(got[1]) != 2 or got[1][1] != width or isinstance(got[1][0], int):
+            raise ModelError(f"{where}: output {name} is {got}, expected {dtype} [batch, {width}] with a dynamic batch")
 
 
 def _parse(type_name: str, raw: str) -> Any:
@@ -183,6 +207,13 @@ class Runner(ABC):
         step = self.max_batch or len(images)
         parts = [self._run(images[i : i + step], with_u) for i in range(0, len(images), step)]
         codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        # A graph may declare the promised shape and compute another; a short or wide result would
+        # only fail later, far from its cause (encode pairs codes with files in order).
+        if codes.dtype != np.uint8 or codes.shape != (len(images), self.info.nbytes):
+            raise ModelError(
+                f"{self.source}: gave codes {codes.dtype} {list(codes.shape)} for {len(images)} images, "
+                f"expected uint8 [{len(images)}, {self.info.nbytes}]"
+            )
         u = None
         if with_u:
             u = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]

@@ -10,11 +10,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsah_rt.runners.base import ModelError, ModelInfo, Runner
+from dsah_rt.runners.base import ModelError, ModelInfo, Runner, check_output_contract
 from dsah_rt.runners.registry import Backend, register
 
 if TYPE_CHECKING:
     import numpy as np
+
+# ONNX Runtime's tensor type names -> NumPy's, the names `check_output_contract` compares.
+_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -81,6 +84,8 @@ def _info_from_session(session: Any, where: str) -> ModelInfo:
         raise ModelError(
             f"{where}: graph input shape {shape} does not match the metadata's input size {info.input_size}"
         )
+    outputs = {o.name: (_DTYPES.get(o.type, o.type), list(o.shape)) for o in session.get_outputs()}
+    check_output_contract(outputs, info, where)
     return info
 
 

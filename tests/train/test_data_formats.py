@@ -103,16 +103,25 @@ def test_imagefolder_split_folders_report_skips_under_their_folder(tmp_path):
     assert [s.path for s in load_dataset(tmp_path).skipped] == ["query/a/.DS_Store"]
 
 
-def test_imagefolder_truncated_image_fails_when_loaded(tmp_path):
-    write_class_tree(tmp_path, {"a": 3, "b": 3})
-    path = tmp_path / "b" / "002.png"
+def _truncated(path: Path) -> Path:
+    """A PNG whose header is whole (so it opens) and whose pixels are cut short."""
     Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:200])  # the header is whole: listed, then unreadable
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
+def test_imagefolder_skips_files_that_do_not_decode_before_training(tmp_path):
+    write_class_tree(tmp_path, {"a": 3, "b": 3})
+    _truncated(tmp_path / "b" / "002.png")
+    Image.fromarray(np.full((4, 4), 255.0, np.float32)).save(tmp_path / "a" / "float.tif")  # not in [0, 1]
     data = load_dataset(tmp_path, query_per_class=1)
-    split = data.train if path in data.train.paths else data.query
-    with pytest.raises(DataError) as err:
-        split.image(split.paths.index(path))
-    assert_one_line_naming(err, str(path), "cannot read image")
+    paths = data.query.paths + data.train.paths
+    assert len(paths) == 5 and tmp_path / "b" / "002.png" not in paths
+    assert [(s.path, s.reason.split(":")[0]) for s in data.skipped] == [
+        ("a/float.tif", "float samples span 255 to 255; a float image must hold values in [0, 1]"),
+        ("b/002.png", "cannot decode")]
+    for split in (data.train, data.query):  # so no epoch meets a file it cannot read
+        assert all(split.image(i).shape == (5, 6, 3) for i in range(len(split)))
 
 
 def test_imagefolder_too_few_images_names_the_class(tmp_path):
@@ -193,6 +202,20 @@ def test_listfile_missing_image(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset(tmp_path)
     assert_one_line_naming(err, str(tmp_path / "img" / "7.jpg"), "database.txt")
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda path: _truncated(path), "cannot decode"),
+    (lambda path: Image.fromarray(np.zeros((4, 4), np.int32)).save(path, format="TIFF"), "32-bit signed integer"),
+])  # fmt: skip
+def test_listfile_image_that_does_not_decode_stops_the_load(tmp_path, spoil, words):
+    listfile_fixture(tmp_path, False)
+    spoil(tmp_path / "img" / "1.jpg")
+    (tmp_path / "img" / "2.jpg").write_text("not an image")
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path)
+    assert_one_line_naming(err, f"{tmp_path / 'img' / '1.jpg'}: image listed in {tmp_path / 'train.txt'}",
+                           words, "(and 1 more)")
 
 
 # --- cifar10 ------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_torch_split_crops_before_the_shared_resize():
 
 
 def test_exported_codes_equal_the_trainers_query_codes(folder: Path, tmp_path: Path):
-    """Train 1 epoch at 64 px on 80 px files, export, encode the files: the trainer's own codes back."""
+    """Train 3 epochs at 64 px on 80 px files, export, encode the files: the trainer's own codes back."""
     from dsah_rt.export.pipeline import export_run
     from dsah_rt.runners import make_runner
     from dsah_rt.train.options import TrainOptions
@@ -110,7 +110,7 @@ def test_exported_codes_equal_the_trainers_query_codes(folder: Path, tmp_path: P
 
     options = {"query_per_class": QUERY_PER_CLASS}
     opts = TrainOptions(data=f"imagefolder:{folder}", data_options=options, backbone="small", input_size=INPUT,
-                        epochs=1, bits=BITS, batch_size=16, device="cpu")  # fmt: skip
+                        epochs=3, bits=BITS, batch_size=16, device="cpu")  # fmt: skip
     run = tmp_path / "run"
     train(opts, run, echo=lambda line: None, progress=io.StringIO())
     trained = read_codes(run / "query_codes.npy", BITS)

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dsah_rt.errors import DataError
-from dsah_rt.images import ImageSkip, Skip, decode
+from dsah_rt.errors import DataError, display_path
+from dsah_rt.images import ImageSkip, Skip, decode, decode_reasons
 
 
 @dataclass(eq=False)
@@ -93,11 +93,19 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def require_files(paths: Sequence[Path], listed_in: Path) -> None:
-    """Fail early, naming the first missing image, rather than mid-way through training."""
+    """Fail at once, naming the first image that is missing or does not decode (`decode_reasons`:
+    each decoded once), rather than mid-way through training: a listed image is not skipped."""
+    where = f"image listed in {display_path(listed_in)}"
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: image listed in {listed_in} not found{more}")
+        raise DataError(f"{display_path(missing[0])}: {where} not found{_more(missing)}")
+    bad = [(p, reason) for p, reason in zip(paths, decode_reasons(paths)) if reason is not None]
+    if bad:
+        raise DataError(f"{display_path(bad[0][0])}: {where} cannot be read ({bad[0][1]}){_more(bad)}")
+
+
+def _more(failed: Sequence[object]) -> str:
+    return f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
 
 
 def read_mat(path: Path) -> dict:

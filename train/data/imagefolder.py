@@ -6,7 +6,10 @@ seeded per-class sampling.
 
 Which files are images is `encode`'s rule (`dsah_rt.images.find_images`: by content, every
 subfolder of a class folder searched), so a folder trained on and the same folder encoded hold
-the same images; the others are listed, with the reason, in `RetrievalData.skipped`.
+the same images; the others are listed, with the reason, in `RetrievalData.skipped` (which
+`dsah-rt train` prints). Every file is decoded once while loading, so one that is truncated, or
+whose samples have no 8-bit reading, is such a skip before training starts, not an error after
+an epoch.
 """
 
 from __future__ import annotations

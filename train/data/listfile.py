@@ -4,6 +4,10 @@
 a line: `relative/path.jpg 0 1 0 ...`, the multi-hot label vector (one-hot for single-label
 sets such as CIFAR-10; several ones for NUS-WIDE). Paths are relative to the folder holding
 the lists unless `image_root` says otherwise.
+
+A listed image is required, not skipped: loading decodes each one once (`require_files`) and stops
+with one line naming the first that is missing or does not decode, and its list, so a bad file
+fails before training rather than after an epoch.
 """
 
 from __future__ import annotations
