@@ -63,7 +63,7 @@ def bench(model: str | None, run: str | None, bits: int | None, backends: list[s
 
 @click.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--epochs", type=int, default=None, help="Training epochs per method (default 20, the demo's budget).")
+@click.option("--epochs", type=int, default=None, help="Training epochs per method (default 60, the demo's budget); a run already in --out is continued.")
 def demo(out: str, epochs: int | None) -> None:
     """The main job on embedded defaults: train, export, verify, encode, evaluate, benchmark."""
     from dsah_rt.bench.demo import run_demo

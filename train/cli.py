@@ -49,6 +49,9 @@ def parse_option(text: str) -> tuple[str, Any]:
               help="Code length; repeat for one sub-run per length (OUT/bits-K).")
 @click.option("--method", type=click.Choice(method_names()), default="dsah", show_default=True,
               help="dsah (the paper), dpsh (the baseline), saliency-dpsh (DSaH's attention around DPSH's loss).")
+@click.option("--recipe", type=click.Choice(["measured", "paper"]), default="measured", show_default=True,
+              help="Where the options below that show no default take theirs: measured (chosen on validation "
+                   "splits, README 'Training') or paper (Algorithm 1 as written; DPSH's eta 0.1).")
 @click.option("--backbone", default="small", show_default=True, help="vgg16, efficientnet_lite0 or small.")
 @click.option("--weights", default=None,
               help="imagenet, none or a state-dict path [default: imagenet, none for the small backbone].")
@@ -59,7 +62,7 @@ def parse_option(text: str) -> tuple[str, Any]:
               help="Algorithm 1, or both networks on Eq. 18 (Table 3).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="adam", show_default=True,
               help="adam: stable from a random init; sgd (momentum 0.9) is the paper's, and diverges at lr 0.01 there.")
-@click.option("--lr", type=float, default=None, help="Learning rate per image [default: sgd 0.01, adam 1e-3].")
+@click.option("--lr", type=float, default=None, help="Learning rate per image [default: sgd 0.01, adam 3e-4].")
 @click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="cosine", show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--clip-grad", type=float, default=None,
@@ -67,27 +70,29 @@ def parse_option(text: str) -> tuple[str, Any]:
 @click.option("--hash-backbone", type=click.Choice(["tune", "frozen"]), default="tune", show_default=True,
               help="Train the hashing network's backbone, or only its hash layer (the paper's reading of sec. 4.3: "
                    "VGG-16 'is not finetuned'; at 64 px it left every method at chance).")
-@click.option("--warmup-epochs", type=int, default=0, show_default=True,
-              help="DSaH: epochs training the hashing network alone on the original images before Algorithm 1.")
-@click.option("--refit-epochs", type=int, default=0, show_default=True,
+@click.option("--warmup-epochs", type=int, default=None,
+              help="DSaH: epochs training the hashing network alone on the original images before Algorithm 1 "
+                   "[default: measured epochs/6, paper 0].")
+@click.option("--refit-epochs", type=int, default=None,
               help="DSaH: last epochs training the hashing network alone on the saliency images, the attention "
-                   "frozen and the learning rate restarted (0: the paper's Algorithm 1 to the end).")
+                   "frozen and the learning rate restarted [default: measured epochs/3, paper 0].")
 @click.option("--eval-every", type=int, default=1, show_default=True,
               help="Evaluate MAP and write the codes every N epochs (and always after the last).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--input-size", type=int, default=None, help="Square input side [default: the backbone's].")
 @click.option("--lambda", "lam", type=float, default=None, help="Semantic weight [default: 30; 60 simultaneous].")
-@click.option("--alpha", type=float, default=None, help="Saliency weight [default: 40; 0.01 simultaneous].")
+@click.option("--alpha", type=float, default=None,
+              help="J_sal's weight [default: measured 0; paper 40, 0.01 simultaneous].")
+@click.option("--eta", type=float, default=None, help="DPSH's quantization weight [default: measured 0.01, paper 0.1].")
 @click.option("--margin", type=float, default=None, help="Saliency margin m [default: bits/4].")
 @click.option("--margin-units", type=click.Choice(["bits", "unit"]), default="bits", show_default=True,
               help="Distances of Eq. 9 in bits (k|...|) or as written, in [0, 1].")
 @click.option("--semantic-norm", type=click.Choice(["abs", "square", "likelihood"]), default=None,
               help="J_sem's pair error squared (the squared l2 loss), |S - (u.u+k)/2k| as Eq. 6 writes it, "
-                   "or DPSH's pair likelihood in its place [default: the method's: dsah square, saliency-dpsh "
-                   "likelihood].")
-@click.option("--saliency-area", "area", type=float, default=0.0, show_default=True,
+                   "or DPSH's pair likelihood in its place [default: measured likelihood, paper abs].")
+@click.option("--saliency-area", "area", type=float, default=None,
               help="Weight of the saliency map's mean area in Eq. 14, so the map pays for what it keeps "
-                   "(a departure; 0 is the paper).")
+                   "[default: measured 300, paper 0].")
 @click.option("--ablation", "ablations", multiple=True,
               type=click.Choice(["hash-sal", "hash-no-ori", "attention-no-sem", "attention-no-sal", "no-quantization",
                                  "attention-identity"]),

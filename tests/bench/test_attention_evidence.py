@@ -6,28 +6,29 @@ import tempfile
 
 import pytest
 
-from dsah_rt.bench.attention_evidence import DPSH_LR, ROWS, _run, table
+from dsah_rt.bench.attention_evidence import ROWS, TABLES, _run, table
 
 
-def test_identity_row_is_the_saliency_row_with_the_attention_replaced() -> None:
+def test_rows_are_the_defaults_plus_what_they_name() -> None:
     saliency, identity = ROWS["saliency"], ROWS["identity"]
-    drop = lambda row: {k: v for k, v in row.items() if k != "ablations"}  # noqa: E731
-    assert drop(identity) == drop(saliency) and saliency["method"] == "saliency-dpsh"
-    assert set(identity["ablations"]) - set(saliency["ablations"]) == {"attention-identity"}
-    assert ROWS["dpsh"]["method"] == "dpsh" and set(DPSH_LR) == {12, 24, 48}
+    assert saliency == {"method": "dsah"} and ROWS["dpsh"] == {"method": "dpsh"}
+    assert identity == {**saliency, "ablations": ("attention-identity",)}
+    assert TABLES["table3"]["simultaneous"] == {**TABLES["table3"]["iterative"], "mode": "simultaneous"}
+    assert all(row["method"] == "dsah" for row in TABLES["table4"].values())
 
 
 def test_table_reports_every_seed_and_the_mean() -> None:
     records = [{"row": row, "bits": 12, "seed": s, "map_last3": 0.1 * (s + 1), "localisation": [1.0, 2.5 + s]}
                for row in ROWS for s in (0, 1)]  # fmt: skip
-    md = table(records, [12], [0, 1])
+    md = table(records, list(ROWS), [12], [0, 1])
     assert "| 12 | 0.100 / 0.200; **0.150** | 0.100 / 0.200; **0.150** |" in md
-    assert "2.50, 3.50 (min 2.50)" in md
+    assert "saliency at the last evaluation (1.0 = flat map): 2.50, 3.50 (min 2.50)" in md
+    assert "identity at the last" not in md
 
 
 @pytest.mark.parametrize("row", ["identity", "saliency"])
 def test_a_row_trains_and_scores(row: str) -> None:
     options = {"num_classes": 2, "image_size": 32, "train_per_class": 8, "query_per_class": 2}
     with tempfile.TemporaryDirectory() as scratch:
-        record = _run((row, 0, 8, 2, options, scratch))
+        record = _run(("acceptance", row, 0, 8, 2, options, scratch))
     assert record["row"] == row and 0 <= record["map_last3"] <= 1 and len(record["maps"]) == 1

@@ -31,6 +31,15 @@ def test_main_job_runs_every_stage(tmp_path):
     assert len(list((tmp_path / "saliency").glob("*.png"))) == 8
     saved = json.loads((tmp_path / "report.json").read_text())
     assert np.isclose(saved["results"]["DSaH"]["map"], report["results"]["DSaH"]["map"])
+    # A second demo into the same folder (`make demo` twice, or after an interruption) continues
+    # the finished runs, training nothing, and gives the same codes.
+    lines: list[str] = []
+    again = run_demo(tmp_path, epochs=1, bench=False, echo=lines.append)
+    assert sum("continuing the" in line for line in lines) == 2
+    timings = {"seconds", "load_seconds"}
+    for name, m in report["results"].items():
+        assert {k: v for k, v in again["results"][name].items() if k not in timings} == {
+            k: v for k, v in m.items() if k not in timings}
 
 
 def test_zero_epochs_is_refused_in_one_line(tmp_path):
@@ -40,4 +49,5 @@ def test_zero_epochs_is_refused_in_one_line(tmp_path):
 
 def test_help_states_the_default_budget():
     res = CliRunner().invoke(main, ["demo", "--help"])
-    assert f"(default {TRAINING['epochs']}, the demo's budget)" in " ".join(res.output.split())
+    assert f"(default {TRAINING['epochs']}, the demo's budget); a run already in --out is continued" in " ".join(
+        res.output.split())

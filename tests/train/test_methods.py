@@ -57,7 +57,7 @@ def test_a_method_is_one_registration(tmp_path: Path, monkeypatch) -> None:
 
 def test_saliency_dpsh_uses_the_likelihood_everywhere(tmp_path: Path) -> None:
     assert TrainOptions(method="saliency-dpsh").resolved().semantic_norm == "likelihood"
-    assert TrainOptions(method="dsah").resolved().semantic_norm == "square"
+    assert TrainOptions(method="saliency-dpsh", recipe="paper").resolved().semantic_norm == "likelihood"
     with pytest.raises(UserError, match="does not apply to saliency-dpsh"):
         TrainOptions(method="saliency-dpsh", semantic_norm="square").resolved()
     data = load_dataset("synthetic-fg", seed=0, num_classes=2, image_size=32, train_per_class=8, query_per_class=2)
@@ -89,4 +89,33 @@ def test_hash_no_ori_trains_the_hashing_network_on_saliency_images_only(tmp_path
     metrics = train(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
     assert set(metrics[0]["loss"]["hashing"]) == {"sem_sal", "reg_sal", "total"}
     with pytest.raises(UserError, match="hash-no-ori"):
-        TrainOptions(ablations=("hash-sal", "hash-no-ori")).resolved()
+        TrainOptions(ablations=("hash-sal", "hash-no-ori"), alpha=40.0).resolved()
+
+
+@pytest.mark.parametrize("mode", ["iterative", "simultaneous"])
+def test_recipes_fill_only_the_options_left_open(mode: str) -> None:
+    measured = TrainOptions(method="dsah", mode=mode, epochs=60).resolved()
+    paper = TrainOptions(method="dsah", mode=mode, epochs=60, recipe="paper").resolved()
+    staged = mode == "iterative"
+    assert (measured.semantic_norm, measured.alpha, measured.area) == ("likelihood", 0.0, 300.0)
+    assert (measured.warmup_epochs, measured.refit_epochs) == ((10, 20) if staged else (0, 0))
+    assert (paper.semantic_norm, paper.area, paper.warmup_epochs, paper.refit_epochs) == ("abs", 0.0, 0, 0)
+    assert paper.alpha == (40.0 if staged else 0.01)
+    given = TrainOptions(method="dsah", mode=mode, epochs=60, alpha=5.0, area=0.0, semantic_norm="square",
+                         **({"warmup_epochs": 3, "refit_epochs": 0} if staged else {})).resolved()  # fmt: skip
+    assert (given.alpha, given.area, given.semantic_norm, given.warmup_epochs, given.refit_epochs) == (
+        5.0, 0.0, "square", 3 if staged else 0, 0)  # fmt: skip
+    assert TrainOptions(method="dpsh").resolved().eta == 0.01
+    assert TrainOptions(method="dpsh", recipe="paper").resolved().eta == 0.1
+    assert TrainOptions(method="dpsh", eta=0.2).resolved().eta == 0.2
+    assert TrainOptions(**vars(measured)).resolved() == measured  # resolving twice changes nothing
+
+
+def test_a_zero_alpha_drops_j_sal_and_hash_sal_asks_for_one(tmp_path: Path) -> None:
+    data = load_dataset("synthetic-fg", seed=0, num_classes=2, image_size=32, train_per_class=8, query_per_class=2)
+    opts = TrainOptions(bits=8, input_size=32, batch_size=8, epochs=1, device="cpu", warmup_epochs=0, refit_epochs=0)
+    metrics = train(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
+    assert set(metrics[0]["loss"]["attention"]) == {"sem_sal", "reg_sal", "area", "total"}
+    with pytest.raises(UserError, match="hash-sal weights J_sal by --alpha"):
+        TrainOptions(ablations=("hash-sal",)).resolved()
+    assert TrainOptions(ablations=("hash-sal",), alpha=40.0).resolved().alpha == 40.0

@@ -16,7 +16,7 @@ from dsah_rt.errors import UserError
 from dsah_rt.metrics import evaluate
 from dsah_rt.train.data import load_dataset
 from dsah_rt.train.evaluation import localisation
-from dsah_rt.train.options import TrainOptions
+from dsah_rt.train.options import DEFAULT_LR, TrainOptions
 from dsah_rt.train.run_dir import CONFIG, METRICS, load_checkpoint, load_run, run_fingerprint
 from dsah_rt.train.trainer import Trainer, lr_factor, train
 
@@ -31,9 +31,10 @@ def data():
 
 
 def _opts(**kw: Any) -> TrainOptions:
-    # crop+flip and the attention head's dropout make the torch RNG matter for the resume test.
+    # crop+flip and the attention head's dropout make the torch RNG matter for the resume test; the
+    # paper recipe, so that each test switches on exactly the stages it checks.
     return TrainOptions(**{"bits": 8, "input_size": 32, "batch_size": 6, "epochs": 2, "augment": "crop+flip",
-                           "device": "cpu", **kw})  # fmt: skip
+                           "device": "cpu", "recipe": "paper", **kw})  # fmt: skip
 
 
 def _train(data, run_dir: Path, resume: bool = False, **kw: Any) -> list[dict[str, Any]]:
@@ -81,7 +82,7 @@ def test_resume_rules(data, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="different lr"):
         _train(data, tmp_path, resume=True, lr=0.5)
     with pytest.raises(UserError, match="different semantic_norm"):
-        _train(data, tmp_path, resume=True, semantic_norm="abs")
+        _train(data, tmp_path, resume=True, semantic_norm="square")
     assert len(_train(data, tmp_path, resume=True, epochs=1)) == 1  # already done: nothing to train
 
 
@@ -133,7 +134,7 @@ def test_dpsh_outputs_and_logged_map(data, tmp_path: Path) -> None:
     assert entry["epoch"] == 1 and set(entry["loss"]) == {"hashing"} and "localisation" not in entry
     assert entry["images_per_s"] > 0 and entry["train_bits_flipped"] is None
     config = json.loads((tmp_path / CONFIG).read_text())
-    assert config["method"] == "dpsh" and config["input_size"] == 32 and config["training"]["lr"] == 1e-3
+    assert config["method"] == "dpsh" and config["input_size"] == 32 and config["training"]["lr"] == DEFAULT_LR["adam"]
     q, d = read_codes(tmp_path / "query_codes.npy"), read_codes(tmp_path / "db_codes.npy")
     assert q.bits == d.bits == 8 and len(q) == 6 and len(d) == 18
     assert q.model["fingerprint"] == run_fingerprint(tmp_path)

@@ -96,7 +96,14 @@ class Method:
     has_attention: bool = False
     precision_scopes: tuple[str, ...] = ("hashing",)
     semantic_norms: tuple[str, ...] = ("abs", "square", "likelihood")
-    default_semantic_norm: str = "square"
+
+    def defaults(self, opts: TrainOptions) -> dict[str, Any]:
+        """Values for the options `opts` leaves at None, by `opts.recipe` (train/options.py); an
+        option a method does not use gets its neutral value, so config.json states every one."""
+        from dsah_rt.train.losses import ALPHA, DPSH_ETA, SIMULTANEOUS_ALPHA
+
+        return {"semantic_norm": "square", "alpha": SIMULTANEOUS_ALPHA if opts.mode == "simultaneous" else ALPHA,
+                "eta": DPSH_ETA, "area": 0.0, "warmup_epochs": 0, "refit_epochs": 0}  # fmt: skip
 
     def check(self, opts: TrainOptions) -> None:
         """Refuse option combinations the method cannot honour, with one line each."""

@@ -22,6 +22,9 @@ from dsah_rt.train.losses import (
 )
 from dsah_rt.train.models import DSaH, build_dsah
 
+# The measured recipe's map-area weight: the map pays for every pixel it keeps (round 1b-1c).
+MEASURED_AREA = 300.0
+
 from . import Method, Objective, OptimizerFactory, Phase, Schedule, Stage, register_method, with_diagnostics
 
 
@@ -31,15 +34,32 @@ class DSaHMethod(Method):
     has_attention = True
     precision_scopes = ("attention", "hashing")
 
+    def defaults(self, opts) -> dict[str, Any]:
+        """The measured recipe (bench/results/train-evidence.md, issue 8): DPSH's pair likelihood in
+        place of Eq. 6 (round 1: Eq. 6 left the hashing network at chance on 10 classes), no J_sal in
+        Eq. 14 (alpha 0: with it the map drifted flat; without it, and paying for its area, it
+        localised: rounds 1b-1c), a hashing warm-up of a sixth of the epochs and a refit of the last
+        third (round 2); every one of them off under `--recipe paper`."""
+        paper = super().defaults(opts)
+        if opts.recipe == "paper":
+            return {**paper, "semantic_norm": self.semantic_norms[0]}  # Eq. 6 where the method has it
+        staged = opts.mode == "iterative"
+        return {**paper, "semantic_norm": "likelihood", "alpha": 0.0, "area": MEASURED_AREA,
+                "warmup_epochs": round(opts.epochs / 6) if staged else 0,
+                "refit_epochs": round(opts.epochs / 3) if staged else 0}  # fmt: skip
+
     def check(self, opts) -> None:
         if opts.semantic_norm not in self.semantic_norms:
             raise UserError(f"--semantic-norm {opts.semantic_norm} does not apply to {self.name} "
                             f"(it takes {', '.join(self.semantic_norms)})")  # fmt: skip
+        if "hash-sal" in opts.ablations and not opts.alpha:
+            raise UserError("hash-sal weights J_sal by --alpha, which is 0 here (the measured recipe's): pass --alpha")
         if "hash-sal" in opts.ablations and "hash-no-ori" in opts.ablations:
             raise UserError("hash-sal needs the original image's codes that hash-no-ori drops")
         if opts.mode == "simultaneous" and {"hash-sal", "hash-no-ori", "attention-no-sem"} & set(opts.ablations):
             raise UserError("in simultaneous mode only the ablations attention-no-sal and no-quantization apply")
-        if {"attention-no-sem", "attention-no-sal"} <= set(opts.ablations) and not opts.area:
+        no_sal = "attention-no-sal" in opts.ablations or not opts.alpha
+        if "attention-no-sem" in opts.ablations and no_sal and not opts.area:
             raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
         if (opts.warmup_epochs or opts.refit_epochs) and opts.mode != "iterative":
             raise UserError("--warmup-epochs and --refit-epochs apply to the iterative mode only")
@@ -56,6 +76,8 @@ class DSaHMethod(Method):
     def objectives(self, opts, bits: int) -> dict[str, Objective]:
         """The loss of each phase, as a function of (model, images, S)."""
         ablations = set(opts.ablations)
+        if not opts.alpha:  # a zero weight is the term switched off: no J_sal to compute or log
+            ablations.add("attention-no-sal")
         common = {"margin": opts.margin, "units": opts.margin_units, "norm": opts.semantic_norm}
         quantization = "no-quantization" not in ablations
 

@@ -18,7 +18,6 @@ class SaliencyDPSHMethod(DSaHMethod):
     name = "saliency-dpsh"
     summary = "DSaH's attention network and saliency loss around DPSH's pair likelihood"
     semantic_norms = ("likelihood",)
-    default_semantic_norm = "likelihood"
 
 
 register_method(SaliencyDPSHMethod())
