@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,train,dev,db]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,train,dev,db,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -44,7 +44,7 @@ import numpy as np
 from dsah_rt.atomic import check_outputs, lock_path, output_lock, write_json
 from dsah_rt.codes import manifest_path, write_codes
 from dsah_rt.errors import UserError, display_path
-from dsah_rt.images import MAX_PIXELS, Skip, decode_batch, scan, skip_reason, sort_key
+from dsah_rt.images import MAX_PIXELS, Scan, Skip, decode_batch, scan, skip_reason, sort_key
 from dsah_rt.runners.base import Runner
 
 STATE_FORMAT = "dsah-rt-encode-state/1"
@@ -220,14 +220,61 @@ class _State:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _model_record(runner: Runner) -> dict[str, Any]:
+def model_record(runner: Runner) -> dict[str, Any]:
     """The manifest's `model`: the model's identity and what ran it, as JSON would read it back."""
     described = runner.describe()
     record = {**runner.info.identity(), "backend": described["backend"], "precision": described.get("precision")}
     return json.loads(json.dumps(record))
 
 
-def _stat_files(root: Path, files: list[str]) -> tuple[dict[str, list[int]], list[Skip]]:
+def check_paths(
+    images: str | os.PathLike[str], out: str | os.PathLike[str] | None, batch: int
+) -> tuple[Path, Path | None]:
+    """(source, out) as Paths after the checks every engine makes before taking the output's lock."""
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    out = Path(out) if out is not None else None
+    source = Path(images)
+    if out is not None:
+        check_outputs([out], [source])
+        if source.is_dir() and out.resolve().is_relative_to(source.resolve()) and out.is_file() and skip_reason(out) is None:
+            raise EncodeError(f"{out}: is one of the images under {source}; choose another output path")
+    if not source.exists():
+        raise EncodeError(f"{source}: no such file or folder")
+    return source, out
+
+
+def scan_inputs(source: Path, out: Path | None) -> tuple[Path, Scan]:
+    """(root, scan) of `source`, leaving out the encoder's own files beside `out`; EncodeError when empty."""
+    root = source if source.is_dir() else source.parent
+    own = (out, manifest_path(out), state_path(out), lock_path(out)) if out is not None else ()
+    found = scan(source, exclude=frozenset(os.path.relpath(p, root) for p in own))
+    if not found.files and not found.skipped:
+        raise EncodeError(f"{source}: no files to encode (empty folder)")
+    return root, found
+
+
+def collect_rows(
+    stats: dict[str, list[int]], entries: dict[str, list[Any]], skipped: list[Skip], nbytes: int, strict: bool
+) -> tuple[list[str], np.ndarray, list[Skip]]:
+    """(rows, packed codes, every skip sorted) from the finished `entries` of the files in `stats`,
+    in scan order; EncodeError when no image was encoded, or on any skip with `strict`."""
+    rows = [rel for rel in stats if entries[rel][2] is not None]
+    skipped = sorted(
+        [*skipped, *(Skip(rel, entries[rel][3]) for rel in stats if entries[rel][2] is None)],
+        key=lambda s: sort_key(s.path),
+    )
+    hexes = "".join(entries[rel][2] for rel in rows)
+    packed = np.frombuffer(bytes.fromhex(hexes), np.uint8).reshape(len(rows), nbytes)
+    if not rows or (strict and skipped):
+        total = len(rows) + len(skipped)
+        failure = f"--strict: {len(skipped)} of {total} files skipped" if rows else "no image could be encoded"
+        raise EncodeError(failure + (f": {first_skips(skipped)}" if skipped else ""))
+    return rows, packed, skipped
+
+
+def stat_files(root: Path, files: list[str]) -> tuple[dict[str, list[int]], list[Skip]]:
+    """(rel -> [size, mtime_ns]) of `files` under `root`, and a skip for each that cannot be stat'ed."""
     stats, skipped = {}, []
     for rel in files:
         try:
@@ -260,28 +307,14 @@ def encode_folder(
     the output's lock.
     """
     start = time.perf_counter()
-    if batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
-    out = Path(out) if out is not None else None
-    source = Path(images)
-    if out is not None:
-        check_outputs([out], [source])
-        if source.is_dir() and out.resolve().is_relative_to(source.resolve()) and out.is_file() and skip_reason(out) is None:
-            raise EncodeError(f"{out}: is one of the images under {source}; choose another output path")
-    if not source.exists():
-        raise EncodeError(f"{source}: no such file or folder")
+    source, out = check_paths(images, out, batch)
     # Held to the end: two runs to one output would share its partial state and race its rename.
     with output_lock(out) if out is not None else nullcontext():
-        root = source if source.is_dir() else source.parent
-        own = (out, manifest_path(out), state_path(out), lock_path(out)) if out is not None else ()
-        found = scan(source, exclude=frozenset(os.path.relpath(p, root) for p in own))
-        if not found.files and not found.skipped:
-            raise EncodeError(f"{source}: no files to encode (empty folder)")
-
-        model = _model_record(runner)
+        root, found = scan_inputs(source, out)
+        model = model_record(runner)
         state = _State(state_path(out) if out is not None else None, root.resolve(), model, runner.info.nbytes)
         state.open(resume, log)
-        stats, skipped = _stat_files(root, found.files)
+        stats, skipped = stat_files(root, found.files)
         state.keep_unchanged(stats)
         entries = state.entries
         todo = [rel for rel in stats if rel not in entries]
@@ -303,18 +336,11 @@ def encode_folder(
             state.save()
             raise
 
-        rows = [rel for rel in stats if entries[rel][2] is not None]
-        skipped = sorted(
-            [*found.skipped, *skipped, *(Skip(rel, entries[rel][3]) for rel in stats if entries[rel][2] is None)],
-            key=lambda s: sort_key(s.path),
-        )
-        hexes = "".join(entries[rel][2] for rel in rows)
-        packed = np.frombuffer(bytes.fromhex(hexes), np.uint8).reshape(len(rows), runner.info.nbytes)
-        if not rows or (strict and skipped):
+        try:
+            rows, packed, skipped = collect_rows(stats, entries, [*found.skipped, *skipped], runner.info.nbytes, strict)
+        except EncodeError:
             state.remove()  # these failures write nothing, as --strict promises, not even a state to resume
-            total = len(rows) + len(skipped)
-            failure = f"--strict: {len(skipped)} of {total} files skipped" if rows else "no image could be encoded"
-            raise EncodeError(failure + (f": {first_skips(skipped)}" if skipped else ""))
+            raise
         if out is not None:
             write_codes(out, packed, runner.info.bits, rows, [s.as_dict() for s in skipped], model)
             state.remove()

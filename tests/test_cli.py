@@ -102,7 +102,7 @@ def test_help_is_fast_and_imports_no_torch():
 
 
 def test_help_of_the_group_and_of_every_command_imports_no_heavy_package():
-    """`--help` is answered from click alone: numpy, numba, torch and onnxruntime load only when a command runs."""
+    """`--help` is answered from click alone: numpy, numba, torch, onnxruntime and ray load only when a command runs."""
     code = """
 import json, sys
 import click
@@ -112,7 +112,7 @@ for args in [[], *([name] for name in main.list_commands(click.Context(main)))]:
         main([*args, "--help"], prog_name="dsah-rt")
     except SystemExit:
         pass
-    heavy = [m for m in ("numpy", "numba", "torch", "onnxruntime") if m in sys.modules]
+    heavy = [m for m in ("numpy", "numba", "torch", "onnxruntime", "ray") if m in sys.modules]
     if heavy:  # the first one to load them: later commands would be blamed for its imports
         print(json.dumps({" ".join(args) or "(the group)": heavy}))
         break
