@@ -19,6 +19,7 @@ import click
 from dsah_rt.atomic import check_outputs, write_json
 from dsah_rt.cli_db import echo_ranked, index_load, index_search
 from dsah_rt.cli_options import AtLeast, backend_option, mixed_models_option, zeros_option
+from dsah_rt import numba_cache
 from dsah_rt.errors import UserError, os_error_message
 
 # name -> "module:attribute" of a click command defined with its stage.
@@ -89,6 +90,7 @@ def _unavailable(name: str, exc: ImportError) -> click.Command:
 @click.version_option(package_name="dsah-rt")
 def main() -> None:
     """Deep Saliency Hashing: train, export one fused model, encode images, rank and evaluate codes."""
+    numba_cache.OWN_PROCESS = True
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:

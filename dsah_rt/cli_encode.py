@@ -38,13 +38,22 @@ def check_input_size(runner: Runner, size: int | None) -> None:
 @click.option("--ray-address", default=None, help="With --engine ray: the cluster to join (auto, ray://HOST:PORT); default: a local Ray in-process.")
 @click.option("--gpus-per-worker", type=float, default=0, help="With --engine ray: GPUs each runner actor reserves.")
 def encode(images, out, model_path, backend, batch, workers, pool, threads, size, resume, strict, engine, ray_address, gpus_per_worker) -> None:
-    """Encode every image under IMAGES; rows in sorted path order, skipped files listed with reasons."""
+    """Encode every image under IMAGES; rows in sorted path order, skipped files listed with reasons.
+
+    IMAGES is a folder or an image; with --engine ray also a .txt list, one path or URI (s3://...)
+    a line, encoded in its order.
+    """
     from dsah_rt.atomic import check_file_output
     from dsah_rt.encode import encode_folder
     from dsah_rt.runners import make_runner
 
     if engine != "ray" and (ray_address is not None or gpus_per_worker):
         raise UserError(f"{'--ray-address' if ray_address is not None else '--gpus-per-worker'} needs --engine ray")
+    if engine != "ray":
+        from dsah_rt.ray_encode import is_list_file
+
+        if is_list_file(images):
+            raise UserError(f"{display_path(images)}: a list of paths (.txt) is read by --engine ray only; pass --engine ray")
     check_file_output(out)
     with make_runner(model_path, backend, threads=threads) as runner:
         check_input_size(runner, size)

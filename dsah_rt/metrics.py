@@ -151,8 +151,7 @@ def evaluate(
     at_grid = np.empty((len(qp), len(grid)), np.int64)
     for rows, qlw, dlw in _label_words(qlab, dblab):
         qw_rows = np.ascontiguousarray(qw[rows])
-        hist[rows] = hamming.relevance_histograms(qw_rows, dw, qlw, dlw, k)
-        ap[rows], found[rows], at_grid[rows] = hamming.index_order_ap(qw_rows, dw, qlw, dlw, hist[rows], topk or 0, grid)
+        hist[rows], ap[rows], found[rows], at_grid[rows] = hamming.index_order(qw_rows, dw, qlw, dlw, k, topk or 0, grid)
     tie_mean, tie_best, tie_worst = hamming.tie_aware_ap(hist)
     seconds = time.perf_counter() - start
 

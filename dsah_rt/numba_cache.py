@@ -15,6 +15,28 @@ import tempfile
 from pathlib import Path
 
 
+# True in a process the CLI started: see `skip_blas_probe`.
+OWN_PROCESS = False
+
+
+def skip_blas_probe() -> None:
+    """In the CLI's own process, keep Numba from importing SciPy to see whether np.dot can use BLAS.
+
+    Numba probes once per process, on its first compilation or cache load, by importing
+    scipy.linalg: 0.3-0.4 s of every `search` and `eval`, measured, for a feature (np.dot and
+    np.linalg inside kernels) no kernel here uses. With scipy.linalg hidden for that one import the
+    probe fails fast; it imports normally afterwards. A library user's process is left as it is, since
+    their own Numba code may want BLAS.
+    """
+    if not OWN_PROCESS or "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment] - None makes an import raise ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401 - runs the probe
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
 def _probe() -> None:
     """A function for Numba's locators to place: they only read its file, line and name."""
 

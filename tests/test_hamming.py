@@ -49,6 +49,25 @@ def test_topk_is_stable_ranking_prefix(case, data):
     assert D.dtype == np.int32 and I.dtype == np.int64
 
 
+@pytest.mark.parametrize("bits", [48, 128, 200, 256])
+def test_kernels_across_many_tiles(bits):
+    # Databases spanning several tiles (4,096 words each) with heavy ties, 1-4 words a code, odd
+    # query counts: the tile and four-query boundaries of top-k and of the one-pass AP.
+    rng = np.random.default_rng(bits)
+    protos = rng.integers(0, 2, (4, bits), dtype=np.uint8)
+    lab = rng.integers(0, 3, 9000)
+    db01 = protos[lab] ^ (rng.random((9000, bits)) < 0.03).astype(np.uint8)
+    q01, qlab = db01[:13] ^ (rng.random((13, bits)) < 0.05).astype(np.uint8), lab[:13]
+    qw, dw = _words(q01), _words(db01)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, lab)
+    D, I = hamming.small_topk(qw, dw, bits, 700)
+    ref.assert_ranking_prefix(D, I, dist)
+    qlw, dlw = hamming.label_words(qlab, lab)
+    _, ap, _, _ = hamming.index_order(qw, dw, qlw, dlw, bits, 0, np.zeros(0, np.int64))
+    for i in range(len(q01)):
+        ref.assert_close(ap[i], ref.average_precision(rel[i][ref.ranking(dist[i])], None))
+
+
 def test_full_ranking_equals_stable_sort_with_heavy_ties():
     rng = np.random.default_rng(3)
     db01 = rng.integers(0, 2, (5000, 12), dtype=np.uint8)  # 12 bits: every distance is shared
@@ -61,15 +80,17 @@ def test_full_ranking_equals_stable_sort_with_heavy_ties():
         np.testing.assert_array_equal(I[i], ref.ranking(dist[i]))
 
 
-@given(code_sets(), st.sampled_from([0, 1, 3, 10]))
-def test_index_order_ap_matches_loop(case, topk):
+@pytest.mark.parametrize("budget", [hamming.FUSED_BUFFER_BYTES, 0], ids=["one-pass", "two-pass"])
+@given(case=code_sets(), topk=st.sampled_from([0, 1, 3, 10]))
+def test_index_order_ap_matches_loop(case, topk, budget):
     k, q01, db01, qlab, dblab = case
     qw, dw = _words(q01), _words(db01)
     qlw, dlw = hamming.label_words(qlab, dblab)
-    hist = hamming.relevance_histograms(qw, dw, qlw, dlw, k)
     grid = np.array([1, 2, 5, 7, 1000], np.int64)
-    ap, found, at_grid = hamming.index_order_ap(qw, dw, qlw, dlw, hist, topk, grid)
+    hist, ap, found, at_grid = hamming.index_order(qw, dw, qlw, dlw, k, topk, grid, budget=budget)
+    np.testing.assert_array_equal(hist, hamming.relevance_histograms(qw, dw, qlw, dlw, k))
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    assert hamming.most_relevant(qlw, dlw) == rel.sum(axis=1).max()
     for i in range(len(q01)):
         ranked = rel[i][ref.ranking(dist[i])]
         ref.assert_close(ap[i], ref.average_precision(ranked, topk or None))
@@ -103,6 +124,26 @@ def test_tie_aware_ap_matches_closed_form_on_larger_groups(case):
     for i in range(len(dist)):
         ref.assert_close(mean[i], ref.tie_aware_formula(dist[i], rel[i]), 1e-10)
         assert worst[i] - 1e-12 <= mean[i] <= best[i] + 1e-12
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tie_aware_ap_on_groups_of_thousands(bits):
+    # Groups beyond the term-by-term size take the harmonic-number route; the reference sums per item.
+    rng = np.random.default_rng(bits)
+    db01 = rng.integers(0, 2, (20_000, bits), dtype=np.uint8)
+    q01 = rng.integers(0, 2, (6, bits), dtype=np.uint8)
+    qlab, dblab = rng.integers(0, 3, 6), np.where(rng.random(20_000) < 0.97, rng.integers(0, 3, 20_000), 5)
+    qlw, dlw = hamming.label_words(qlab, dblab)
+    hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, bits)
+    assert hist.sum(axis=2).max() > 1000 and hist[:, :, 1].max() > 100
+    mean, best, worst = hamming.tie_aware_ap(hist)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    for i in range(len(q01)):
+        ref.assert_close(mean[i], ref.tie_aware_formula(dist[i], rel[i]), 1e-12)
+        order = np.lexsort((~rel[i], dist[i]))  # relevant first within each distance: the best case
+        ref.assert_close(best[i], ref.average_precision(rel[i][order]), 1e-12)
+        order = np.lexsort((rel[i], dist[i]))
+        ref.assert_close(worst[i], ref.average_precision(rel[i][order]), 1e-12)
 
 
 def test_multi_label_words_beyond_64_classes():

@@ -1,17 +1,21 @@
-"""`encode --engine ray` on a real local Ray (2 CPUs): the rows, codes and skips of `encode_folder`."""
+"""`encode --engine ray` on a real local Ray (2 CPUs): the rows, codes and skips of `encode_folder`,
+from a folder or a list file, and none lost when a worker dies."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_encode import make_folder
 
 from dsah_rt.cli import main
 from dsah_rt.codes import manifest_path, read_codes
-from dsah_rt.encode import encode_folder
+from dsah_rt.encode import EncodeError, encode_folder
 from dsah_rt.runners import make_runner
 
 ray = pytest.importorskip("ray", reason="the `ray` extra (ray[data]) is not installed")
@@ -19,9 +23,16 @@ ray_encode = pytest.importorskip("dsah_rt.ray_encode")
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    # One Ray for the module: starting one costs seconds; encode_ray reuses a running one.
-    ray.init(num_cpus=2, include_dashboard=False)
+def fuse(tmp_path_factory):
+    """The file whose removal kills a worker once (ray_encode.DIE_ONCE_ENV); a test creates it to arm it."""
+    return tmp_path_factory.mktemp("fuse") / "die-once"
+
+
+@pytest.fixture(scope="module")
+def local_ray(fuse):
+    # One Ray for the module: starting one costs seconds; encode_ray reuses a running one. Every
+    # worker gets the fuse's path, which stays harmless while the file does not exist.
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {ray_encode.DIE_ONCE_ENV: str(fuse)}})
     yield
     ray.shutdown()
 
@@ -90,3 +101,87 @@ def test_ray_options_need_the_ray_engine(model, tmp_path):
     args = ["encode", str(tmp_path), "--out", str(tmp_path / "c.parquet"), "--model", str(model[1]), "--ray-address", "auto"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "--ray-address needs --engine ray" in result.output
+
+
+def test_a_killed_worker_does_not_lose_rows(local_ray, fuse, ort, model, tmp_path):
+    root = tmp_path / "images"
+    good, bad = make_folder(root)
+    single, distributed = tmp_path / "single.parquet", tmp_path / "ray.parquet"
+    encode_folder(root, single, ort, batch=4)
+    fuse.write_bytes(b"")  # the first batch a worker takes removes it and kills that worker (os._exit)
+    result = _ray(root, distributed, ort, model)
+    assert not fuse.exists(), "no worker died: the test proved nothing"
+    a, b = read_codes(single), read_codes(distributed)
+    # Every file exactly once, with the single process's code: the dead worker's batch was run again.
+    assert b.rows == a.rows == result.rows and len(set(b.rows)) == len(good)
+    assert (b.packed == a.packed).all()
+    assert _manifest(distributed) == _manifest(single)
+
+
+def _codes_by_path(root, ort):
+    alone = encode_folder(root, None, ort, batch=4)
+    return dict(zip(alone.rows, alone.codes))
+
+
+def test_a_list_file_of_paths_and_uris(local_ray, ort, model, tmp_path):
+    root = tmp_path / "images"
+    good, _ = make_folder(root)
+    listed = [str(root / good[0]), f"file://{root / good[1]}", f"images/{good[2]}", *(str(root / g) for g in good[3:6])]
+    missing, text, unknown = str(root / "missing.jpg"), str(root / "notes.txt"), "nosuchfs://bucket/a.jpg"
+    listing = tmp_path / "paths.txt"
+    lines = ["# images to encode", "", *listed[:3], "   ", missing, *listed[3:], text, unknown, listed[0]]
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "codes.parquet"
+    result = _ray(listing, out, ort, model)
+    codes = read_codes(out)
+    # The entries as written, in the list's order, each once; comments, blanks and the repeat dropped.
+    assert codes.rows == result.rows == listed
+    single = _codes_by_path(root, ort)
+    assert (codes.packed == np.stack([single[g] for g in good[:6]])).all()
+    reasons = {s["path"]: s["reason"] for s in codes.skipped}
+    assert sorted(reasons) == sorted([missing, text, unknown])
+    assert reasons[missing] == "no such file"
+    assert reasons[text].startswith("not an image")
+    assert reasons[unknown].startswith("cannot read: ") and "\n" not in reasons[unknown]
+    assert result.encoded == len(listed) + 3 and _manifest(out)["count"] == len(listed)
+
+
+def test_a_list_file_with_no_entries_is_one_line(local_ray, ort, model, tmp_path):
+    listing = tmp_path / "paths.txt"
+    listing.write_text("# nothing yet\n\n")
+    with pytest.raises(EncodeError, match=r"paths\.txt: no paths listed"):
+        _ray(listing, tmp_path / "codes.parquet", ort, model)
+    assert not (tmp_path / "codes.parquet").exists()
+
+
+def test_the_single_engine_refuses_a_list_file(model, tmp_path):
+    listing = tmp_path / "paths.txt"
+    listing.write_text("/data/a.jpg\n")
+    args = ["encode", str(listing), "--out", str(tmp_path / "c.parquet"), "--model", str(model[1])]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "paths.txt: a list of paths (.txt) is read by --engine ray only" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_batch_that_kills_every_worker_fails_in_one_line(local_ray, fuse, ort, model, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_encode, "TASK_RETRIES", 1)  # each restart costs seconds here
+    root = tmp_path / "images"
+    make_folder(root)
+    out = tmp_path / "codes.parquet"
+    stop = threading.Event()
+
+    def rearm():  # every batch now kills its worker: retries run out instead of looping forever
+        while not stop.is_set():
+            fuse.touch()
+            time.sleep(0.05)
+
+    rearming = threading.Thread(target=rearm, daemon=True)
+    rearming.start()
+    try:
+        with pytest.raises(EncodeError, match=r"images: a Ray worker died on one batch 2 times") as failure:
+            _ray(root, out, ort, model)
+    finally:
+        stop.set()
+        rearming.join()
+        fuse.unlink(missing_ok=True)
+    assert "\n" not in str(failure.value) and not out.exists()

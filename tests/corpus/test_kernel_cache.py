@@ -52,3 +52,27 @@ def test_a_writable_package_folder_is_used_silently(tmp_path: Path) -> None:
                          text=True, cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0 and res.stderr == "" and res.stdout.startswith("True ")
     assert any((tmp_path / "__pycache__").glob("*.nbi")) and not (tmp_path / "unused").exists()
+
+
+# Issue 12: in the CLI's own process Numba's BLAS probe (an import of scipy.linalg) is skipped; in a
+# library user's process it is not. Fresh interpreters, so this process's Numba state is untouched.
+PROBE = """
+import sys
+import numpy as np
+from dsah_rt import numba_cache
+numba_cache.OWN_PROCESS = sys.argv[1] == "cli"
+from dsah_rt import hamming
+hamming.small_topk(np.zeros((2, 1), np.uint64), np.zeros((9, 1), np.uint64), 64, 3)
+import numba.np.arraymath as arraymath
+print(arraymath._HAVE_BLAS, "scipy.linalg" in sys.modules)
+import scipy.linalg  # importable as ever afterwards
+print(scipy.linalg.norm(np.ones(4)))
+"""
+
+
+@pytest.mark.parametrize("process", ["cli", "library"])
+def test_the_blas_probe_is_skipped_only_in_the_cli_process(process: str) -> None:
+    res = subprocess.run([sys.executable, "-c", PROBE, process], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    probed, norm = res.stdout.splitlines()
+    assert probed == ("False False" if process == "cli" else "True True") and norm == "2.0"
