@@ -89,10 +89,16 @@ def test_exact_kind_equals_stable_brute_force_ranking(case, data, path):
     index = index_factory("exact", bits)
     for a, b in zip([0, *cuts], [*cuts, len(db01)]):  # several adds grow the buffer
         index.add(pack(db01[a:b]))
-    # inputs this small take NumPy's path (cold start); without the threshold, the kernels'
-    with mock.patch.object(popcount_numpy, "TINY_WORK", popcount_numpy.TINY_WORK if path == "numpy" else -1):
+    # inputs this small take NumPy's path in a process without the kernels (cold start), else the kernels'
+    with mock.patch.object(popcount_numpy, "is_tiny", lambda *shape: path == "numpy"):
         D, I = index.search(pack(q01), K)
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
+
+
+def test_once_the_kernels_are_loaded_no_search_is_tiny():
+    from dsah_rt import hamming  # noqa: F401 - loaded, as in a service after its first search
+
+    assert not popcount_numpy.is_tiny(1, 10, 1)
 
 
 def test_a_tiny_search_runs_without_numba(tmp_path):
