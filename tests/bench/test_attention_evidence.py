@@ -15,6 +15,8 @@ def test_rows_are_the_defaults_plus_what_they_name() -> None:
     assert identity == {**saliency, "ablations": ("attention-identity",)}
     assert TABLES["table3"]["simultaneous"] == {**TABLES["table3"]["iterative"], "mode": "simultaneous"}
     assert all(row["method"] == "dsah" for row in TABLES["table4"].values())
+    lite0 = {"backbone": "efficientnet_lite0", "input_size": 64, "eval_every": 3}
+    assert TABLES["lite0"] == {row: {**options, **lite0} for row, options in ROWS.items()}
 
 
 def test_table_reports_every_seed_and_the_mean() -> None:
