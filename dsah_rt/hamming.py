@@ -564,8 +564,9 @@ def most_relevant(qlab: np.ndarray, dblab: np.ndarray) -> int:
         patterns, counts = np.unique(rows, return_counts=True)
         patterns = patterns.view(np.uint64).reshape(len(patterns), dblab.shape[1])
     best = 0
-    for start in range(0, len(qlab), 256):  # bounded (256 x patterns) temporaries
-        share = (qlab[start : start + 256, None, :] & patterns[None]).any(axis=2)
+    step = max(1, (1 << 24) // patterns.size)  # queries per chunk: temporaries of at most 2^24 words
+    for start in range(0, len(qlab), step):
+        share = (qlab[start : start + step, None, :] & patterns[None]).any(axis=2)
         best = max(best, int((share @ counts).max(initial=0)))
     return best
 
