@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -319,13 +319,18 @@ def _skip_on_error() -> Iterator[None]:
 
 
 def decode_batch(
-    root: str | os.PathLike[str], rels: list[str], size: int, max_pixels: int = MAX_PIXELS
+    root: str | os.PathLike[str], rels: list[str], size: int, max_pixels: int = MAX_PIXELS,
+    read: Callable[[str], bytes] | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """Decode `rels` (relative to `root`): (images [n_ok, 3, S, S], per file None or the skip reason)."""
+    """Decode `rels` (relative to `root`): (images [n_ok, 3, S, S], per file None or the skip reason).
+
+    `read` (entry -> bytes, raising ImageSkip) replaces opening `root/rel`, e.g. for URIs.
+    """
     images, reasons = [], []
     for rel in rels:
         try:
-            images.append(decode_image(os.path.join(root, rel), size, max_pixels))
+            source = read(rel) if read is not None else os.path.join(root, rel)
+            images.append(decode_image(source, size, max_pixels))  # type: ignore[arg-type] - decodes bytes too
             reasons.append(None)
         except ImageSkip as exc:
             reasons.append(str(exc))

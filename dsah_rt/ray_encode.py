@@ -48,7 +48,7 @@ from dsah_rt.atomic import output_lock
 from dsah_rt.codes import read_codes, write_codes
 from dsah_rt.encode import EncodeError, EncodeResult, Progress, check_paths, collect_rows, model_record, scan_inputs, stat_files
 from dsah_rt.errors import UserError, display_path
-from dsah_rt.images import MAX_PIXELS, ImageSkip, decode_batch, decode_image
+from dsah_rt.images import MAX_PIXELS, ImageSkip, decode_batch
 
 if TYPE_CHECKING:
     from dsah_rt.runners.base import Runner
@@ -112,16 +112,7 @@ def decode_listed(
     base: str, entries: list[str], size: int, max_pixels: int = MAX_PIXELS
 ) -> tuple[np.ndarray, list[str | None]]:
     """`images.decode_batch` for the entries of a list file: (images [n_ok, 3, S, S], None or reason per entry)."""
-    images, reasons = [], []
-    for entry in entries:
-        try:
-            data = read_entry(entry, base)
-            images.append(decode_image(data, size, max_pixels))  # type: ignore[arg-type] - decodes bytes too
-            reasons.append(None)
-        except ImageSkip as exc:
-            reasons.append(str(exc))
-    stacked = np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)
-    return stacked, reasons
+    return decode_batch(base, entries, size, max_pixels, read=lambda entry: read_entry(entry, base))
 
 
 def _die_once_for_tests() -> None:
