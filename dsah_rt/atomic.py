@@ -131,8 +131,12 @@ def _write_temp(path: Path, write: Writer, suffix: str) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
+        if isinstance(exc.__context__, KeyboardInterrupt) and not isinstance(exc, KeyboardInterrupt):
+            # The writer's own cleanup failed while the interrupt unwound it (torch.save's zip writer
+            # raises RuntimeError from its __exit__): the cause is still Ctrl-C or SIGTERM.
+            raise exc.__context__ from None
         raise
     return temp
 

@@ -180,8 +180,17 @@ def _interrupted(*args: Any, **kwargs: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted_then_broken(*args: Any, **kwargs: Any) -> None:
+    """As torch.save does when Ctrl-C lands mid-write: its zip writer's __exit__ then fails too."""
+    try:
+        raise KeyboardInterrupt
+    finally:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1019008 vs 1018896")
+
+
 @pytest.mark.parametrize("previous", [True, False], ids=["over a good pair", "in a fresh folder"])
-@pytest.mark.parametrize("how", [*INJECTED, "Ctrl-C writing the codes", "a full tmpfs", "encode onto a full tmpfs"])
+@pytest.mark.parametrize("how", [*INJECTED, "Ctrl-C writing the codes", "Ctrl-C writing the codes, the writer's cleanup failing",
+                                 "a full tmpfs", "encode onto a full tmpfs"])
 def test_a_failed_codes_write_leaves_the_previous_pair(how, previous, tmp_path, monkeypatch, places, request):
     prepare = _previous_pair(previous)
     if "tmpfs" in how:
@@ -197,7 +206,7 @@ def test_a_failed_codes_write_leaves_the_previous_pair(how, previous, tmp_path, 
         line = _error_line(res.stderr)
         assert res.returncode == 1 and str(folder / CODES) in line and "No space left on device" in line
     elif how.startswith("Ctrl-C"):
-        monkeypatch.setattr(np, "save", _interrupted)
+        monkeypatch.setattr(np, "save", _interrupted_then_broken if "cleanup" in how else _interrupted)
         with pytest.raises(KeyboardInterrupt):
             write_codes(folder / CODES, NEW, BITS)
     else:
