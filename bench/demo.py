@@ -31,7 +31,8 @@ DATA = {"spec": "synthetic-fg", "options": {"image_size": 80}}
 TRAINING = {"backbone": "small", "bits": 24, "epochs": 60, "input_size": 64, "eval_every": 10}
 # The resolved options index.md states for each run, those its method uses (config.json's
 # `training` holds them all).
-SHOWN_OPTIONS = {"dsah": ("optimizer", "lr", "semantic_norm", "alpha", "area", "warmup_epochs", "refit_epochs"),
+SHOWN_OPTIONS = {"dsah": ("optimizer", "lr", "semantic_norm", "alpha", "area", "warmup_epochs", "warmup_liftoff",
+                          "refit_epochs"),
                  "dpsh": ("optimizer", "lr", "eta")}  # fmt: skip
 
 

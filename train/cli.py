@@ -73,6 +73,9 @@ def parse_option(text: str) -> tuple[str, Any]:
 @click.option("--warmup-epochs", type=int, default=None,
               help="DSaH: epochs training the hashing network alone on the original images before Algorithm 1 "
                    "[default: measured epochs/6, paper 0].")
+@click.option("--warmup-liftoff", type=float, default=None,
+              help="DSaH: go on warming up (to at most twice --warmup-epochs) until the warm-up's semantic loss is "
+                   "this share below chance, i.e. the hashing network has lifted off [default: 0, a fixed warm-up].")
 @click.option("--refit-epochs", type=int, default=None,
               help="DSaH: last epochs training the hashing network alone on the saliency images, the attention "
                    "frozen and the learning rate restarted [default: measured epochs/3, paper 0].")

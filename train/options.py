@@ -94,6 +94,11 @@ class TrainOptions:
     # J_reg_ori) before Algorithm 1 starts; 0 is the paper (its VGG-16 arrives trained on ImageNet).
     # None: the recipe's (measured epochs / 6).
     warmup_epochs: int | None = None
+    # DSaH: the warm-up goes on past warmup_epochs (to at most twice as many) until the hashing
+    # network has lifted off: its warm-up J_sem_ori at least this share below its value at u = 0
+    # (chance); from a random init lift-off comes at epochs 11-25 of 60 (round 6). None: 0, a fixed
+    # warm-up, under both recipes (0.02 lowered the identity control, not DSaH: round 6).
+    warmup_liftoff: float | None = None
     # DSaH: the last epochs train the hashing network alone on the saliency images, the attention
     # network frozen and the learning rate restarted: a network chasing a map that moves every epoch
     # learned less than one fitted to the settled map (train-evidence.md, round 2). 0: the paper;
@@ -133,6 +138,8 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UserError(f"{name} must be >= 0, got {value}")
+        if self.warmup_liftoff is not None and not 0 <= self.warmup_liftoff < 1:
+            raise UserError(f"warmup_liftoff must be in [0, 1), got {self.warmup_liftoff}")
         if self.batch_size < 2:
             raise UserError("batch_size must be at least 2: the losses are over pairs within a batch")
         simultaneous = self.mode == "simultaneous"

@@ -192,7 +192,7 @@ class Trainer:
         epoch = self.epoch
         start = time.perf_counter()
         losses, diagnostics, images, train_seconds = {}, {}, 0, 0.0
-        stage = self.schedule(epoch)
+        stage = self.schedule(epoch, self.metrics)
         for phase in stage.phases:
             lr = self.opts.lr * lr_factor(self.opts.schedule, epoch - stage.start, stage.length)
             for group in phase.optimizer.param_groups:

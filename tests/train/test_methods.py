@@ -98,8 +98,10 @@ def test_recipes_fill_only_the_options_left_open(mode: str) -> None:
     paper = TrainOptions(method="dsah", mode=mode, epochs=60, recipe="paper").resolved()
     staged = mode == "iterative"
     assert (measured.semantic_norm, measured.alpha, measured.area) == ("likelihood", 0.0, 300.0)
-    assert (measured.warmup_epochs, measured.refit_epochs) == ((10, 20) if staged else (0, 0))
-    assert (paper.semantic_norm, paper.area, paper.warmup_epochs, paper.refit_epochs) == ("abs", 0.0, 0, 0)
+    assert (measured.warmup_epochs, measured.warmup_liftoff, measured.refit_epochs) == (
+        (10, 0.0, 20) if staged else (0, 0.0, 0))  # fmt: skip
+    assert (paper.semantic_norm, paper.area, paper.warmup_epochs, paper.warmup_liftoff, paper.refit_epochs) == (
+        "abs", 0.0, 0, 0.0, 0)  # fmt: skip
     assert paper.alpha == (40.0 if staged else 0.01)
     given = TrainOptions(method="dsah", mode=mode, epochs=60, alpha=5.0, area=0.0, semantic_norm="square",
                          **({"warmup_epochs": 3, "refit_epochs": 0} if staged else {})).resolved()  # fmt: skip

@@ -217,6 +217,53 @@ def test_warmup_trains_the_hashing_network_alone_first(data, tmp_path: Path) -> 
         _opts(mode="simultaneous", warmup_epochs=2).resolved()
 
 
+def _stage_names(stage) -> list[str]:
+    return [phase.name for phase in stage.phases]
+
+
+def test_warmup_goes_on_until_the_hashing_network_lifts_off() -> None:
+    from dsah_rt.train.methods import build_model, get_method
+
+    method = get_method("dsah")
+    model = build_model("dsah", "small", 8, weights=None)
+
+    def schedule(**kw: Any):
+        opts = _opts(**{"warmup_epochs": 2, "warmup_liftoff": 0.1, "refit_epochs": 2, "epochs": 10, **kw}).resolved()
+        return method.schedule(model, opts, method.phases(model, opts, lambda m: torch.optim.Adam(m.parameters())))
+
+    def warm(ratio: float) -> dict[str, Any]:
+        return {"loss": {"warmup": {}}, "diagnostics": {"warmup": {"sem_vs_chance": ratio}}}
+
+    algorithm = {"loss": {"attention": {}, "hashing": {}}, "diagnostics": {}}
+    pick = schedule()
+    assert _stage_names(pick(1, [warm(0.5)])) == ["warmup"]  # the fixed part does not look
+    assert _stage_names(pick(2, [warm(1.0), warm(0.95)])) == ["warmup"]  # still within 10% of chance
+    assert _stage_names(pick(2, [warm(1.0), warm(0.85)])) == ["attention", "hashing"]
+    assert _stage_names(pick(3, [warm(1.0), warm(0.85), algorithm])) == ["attention", "hashing"]  # ended stays ended
+    assert _stage_names(pick(3, [warm(1.0)] * 3)) == ["warmup"]
+    assert _stage_names(pick(4, [warm(1.0)] * 4)) == ["attention", "hashing"]  # at most twice warmup_epochs
+    assert _stage_names(pick(8, [warm(1.0)] * 4 + [algorithm] * 4)) == ["refit"]
+    assert _stage_names(schedule(warmup_liftoff=0.0)(2, [warm(1.0)] * 2)) == ["attention", "hashing"]
+    assert _stage_names(schedule(epochs=6, refit_epochs=3)(3, [warm(1.0)] * 3)) == ["refit"]  # never into the refit
+    with pytest.raises(UserError, match="warmup_liftoff must be in"):
+        _opts(warmup_liftoff=1.0).resolved()
+    with pytest.raises(UserError, match="saliency methods only"):
+        _opts(method="dpsh", warmup_liftoff=0.02).resolved()
+
+
+def test_lift_off_is_measured_against_chance_and_resumes_alike(data, tmp_path: Path) -> None:
+    # A lift-off of 99% below chance is out of reach here, so the warm-up runs to its cap of 2.
+    kw = {"warmup_epochs": 1, "warmup_liftoff": 0.99, "epochs": 3, "lr": 1e-3}
+    whole = _train(data, tmp_path / "whole", **kw)
+    assert [sorted(m["loss"]) for m in whole] == [["warmup"], ["warmup"], ["attention", "hashing"]]
+    pairs = 6 * 5 / 2  # batch 6; Eq. 6's |S - (u.u + k) / 2k| is 1/2 for every pair at u = 0
+    for m in whole[:2]:
+        assert m["diagnostics"]["warmup"]["sem_vs_chance"] == pytest.approx(m["loss"]["warmup"]["sem_ori"] / (pairs / 2))
+    _train(data, tmp_path / "split", epochs=1, **{k: v for k, v in kw.items() if k != "epochs"})
+    resumed = _train(data, tmp_path / "split", resume=True, **kw)
+    assert _without_timing(resumed) == _without_timing(whole)
+
+
 def test_refit_trains_the_hashing_network_alone_on_saliency_images_last(data, tmp_path: Path) -> None:
     trainer = Trainer(_opts(refit_epochs=2, epochs=3), tmp_path, data=data, echo=lambda line: None,
                       progress=io.StringIO())  # fmt: skip

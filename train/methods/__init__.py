@@ -50,7 +50,7 @@ class Stage:
     length: int
 
 
-Schedule = Callable[[int], Stage]  # 0-based epoch -> its stage
+Schedule = Callable[[int, list[dict]], Stage]  # (0-based epoch, metrics of the epochs before it) -> its stage
 
 
 @contextmanager
@@ -103,7 +103,7 @@ class Method:
         from dsah_rt.train.losses import ALPHA, DPSH_ETA, SIMULTANEOUS_ALPHA
 
         return {"semantic_norm": "square", "alpha": SIMULTANEOUS_ALPHA if opts.mode == "simultaneous" else ALPHA,
-                "eta": DPSH_ETA, "area": 0.0, "warmup_epochs": 0, "refit_epochs": 0}  # fmt: skip
+                "eta": DPSH_ETA, "area": 0.0, "warmup_epochs": 0, "warmup_liftoff": 0.0, "refit_epochs": 0}  # fmt: skip
 
     def check(self, opts: TrainOptions) -> None:
         """Refuse option combinations the method cannot honour, with one line each."""
@@ -127,7 +127,7 @@ class Method:
     def schedule(self, model: nn.Module, opts: TrainOptions, phases: list[Phase]) -> Schedule:
         """Which passes each epoch runs; by default every phase, every epoch, one decay over the run."""
         every = Stage(phases, 0, opts.epochs)
-        return lambda epoch: every
+        return lambda epoch, history: every
 
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

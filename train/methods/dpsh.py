@@ -26,8 +26,9 @@ class DPSHMethod(Method):
         return {**super().defaults(opts), **({} if opts.recipe == "paper" else {"eta": MEASURED_ETA})}
 
     def check(self, opts) -> None:
-        if opts.ablations or opts.mode != "iterative" or opts.warmup_epochs or opts.refit_epochs or opts.area:
-            raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs, "
+        staged = opts.warmup_epochs or opts.warmup_liftoff or opts.refit_epochs
+        if opts.ablations or opts.mode != "iterative" or staged or opts.area:
+            raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs, --warmup-liftoff, "
                             "--refit-epochs and --saliency-area apply to the saliency methods only")  # fmt: skip
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:

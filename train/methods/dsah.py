@@ -5,7 +5,8 @@ with the hashing network frozen (no gradients, eval mode so its BatchNorm statis
 are fixed; gradients still flow *through* it to the saliency image), then a pass updating the
 hashing network on Eq. 13 with the attention network frozen the same way. `simultaneous`: both
 networks in one pass on Eq. 18 (Table 3). `warmup_epochs` first trains the hashing network alone
-on the original images (lambda J_sem_ori + J_reg_ori); `refit_epochs` ends by training it alone on
+on the original images (lambda J_sem_ori + J_reg_ori), and `warmup_liftoff` extends it (to at most
+twice as long) until that network has lifted off; `refit_epochs` ends by training it alone on
 the saliency images of the frozen attention network (lambda J_sem_sal + J_reg_sal). Table 4's ablations switch terms off.
 """
 
@@ -39,7 +40,8 @@ class DSaHMethod(Method):
         place of Eq. 6 (round 1: Eq. 6 left the hashing network at chance on 10 classes), no J_sal in
         Eq. 14 (alpha 0: with it the map drifted flat; without it, and paying for its area, it
         localised: rounds 1b-1c), a hashing warm-up of a sixth of the epochs and a refit of the last
-        third (round 2); every one of them off under `--recipe paper`."""
+        third (round 2); every one of them off under `--recipe paper`. The warm-up stays fixed
+        (`warmup_liftoff` 0): ending it on lift-off lowered the identity control, not DSaH (round 6)."""
         paper = super().defaults(opts)
         if opts.recipe == "paper":
             return {**paper, "semantic_norm": self.semantic_norms[0]}  # Eq. 6 where the method has it
@@ -61,8 +63,8 @@ class DSaHMethod(Method):
         no_sal = "attention-no-sal" in opts.ablations or not opts.alpha
         if "attention-no-sem" in opts.ablations and no_sal and not opts.area:
             raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
-        if (opts.warmup_epochs or opts.refit_epochs) and opts.mode != "iterative":
-            raise UserError("--warmup-epochs and --refit-epochs apply to the iterative mode only")
+        if (opts.warmup_epochs or opts.refit_epochs or opts.warmup_liftoff) and opts.mode != "iterative":
+            raise UserError("--warmup-epochs, --warmup-liftoff and --refit-epochs apply to the iterative mode only")
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
         return build_dsah(backbone, bits, weights, method=self.name, **arch)
@@ -103,10 +105,14 @@ class DSaHMethod(Method):
 
         def warmup(model: DSaH, x: torch.Tensor, S: torch.Tensor):
             u = model.hashing(x)
-            terms = {"sem_ori": (opts.lam, semantic_loss(u, S, bits, opts.semantic_norm))}
+            sem = semantic_loss(u, S, bits, opts.semantic_norm)
+            terms = {"sem_ori": (opts.lam, sem)}
             if quantization:
                 terms["reg_ori"] = (1.0, quantization_loss(u))
-            return with_diagnostics(weighted_total(terms), u, None, S, opts)
+            loss, logged, diagnostics = with_diagnostics(weighted_total(terms), u, None, S, opts)
+            chance = semantic_loss(torch.zeros_like(u), S, bits, opts.semantic_norm)
+            diagnostics["sem_vs_chance"] = float(sem.detach() / chance)  # 1.0: the network is still at chance
+            return loss, logged, diagnostics
 
         def refit(model: DSaH, x: torch.Tensor, S: torch.Tensor):
             with torch.no_grad():
@@ -135,18 +141,30 @@ class DSaHMethod(Method):
         return [Phase("attention", model.attention, model.hashing, optimizer(model.attention), objectives["attention"]), hashing]
 
     def schedule(self, model: nn.Module, opts, phases: list[Phase]) -> Schedule:
-        """Warm-up epochs, then Algorithm 1 (or Eq. 18), then the refit epochs; warm-up and refit step
-        the hashing phase's own optimiser."""
+        """Warm-up epochs (past `warmup_epochs` while the previous warm-up epoch was still within
+        `warmup_liftoff` of chance, to at most twice as many and never into the refit), then
+        Algorithm 1 (or Eq. 18), then the refit epochs; warm-up and refit step the hashing phase's
+        own optimiser. A function of the metrics so far, so a resumed run picks the same stages."""
         every = Stage(phases, 0, opts.epochs)
         if not (opts.warmup_epochs or opts.refit_epochs):
-            return lambda epoch: every
+            return lambda epoch, history: every
         objectives = self.objectives(opts, model.hashing.bits)
         optimizer = next(p for p in phases if p.name == "hashing").optimizer
         alone = lambda name: Phase(name, model.hashing, model.attention, optimizer, objectives[name])  # noqa: E731
         warmup = Stage([alone("warmup")], 0, opts.epochs)
         refit_start = opts.epochs - opts.refit_epochs
         refit = Stage([alone("refit")], refit_start, opts.refit_epochs)
-        return lambda epoch: warmup if epoch < opts.warmup_epochs else refit if epoch >= refit_start else every
+        longest = min(2 * opts.warmup_epochs, refit_start) if opts.warmup_liftoff else opts.warmup_epochs
+
+        def at_chance(entry: dict) -> bool:
+            return "warmup" in entry["loss"] and entry["diagnostics"]["warmup"]["sem_vs_chance"] > 1 - opts.warmup_liftoff
+
+        def stage(epoch: int, history: list[dict]) -> Stage:
+            if epoch < opts.warmup_epochs or (epoch < longest and at_chance(history[epoch - 1])):
+                return warmup
+            return refit if epoch >= refit_start else every
+
+        return stage
 
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
