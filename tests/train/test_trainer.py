@@ -247,6 +247,8 @@ def test_warmup_goes_on_until_the_hashing_network_lifts_off() -> None:
     assert _stage_names(schedule(epochs=6, refit_epochs=3)(3, [warm(1.0)] * 3)) == ["refit"]  # never into the refit
     with pytest.raises(UserError, match="warmup_liftoff must be in"):
         _opts(warmup_liftoff=1.0).resolved()
+    with pytest.raises(UserError, match="pass --warmup-epochs"):
+        _opts(warmup_liftoff=0.02).resolved()  # the paper's recipe has no warm-up to extend
     with pytest.raises(UserError, match="saliency methods only"):
         _opts(method="dpsh", warmup_liftoff=0.02).resolved()
 

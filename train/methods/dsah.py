@@ -65,6 +65,8 @@ class DSaHMethod(Method):
             raise UserError("attention-no-sem with attention-no-sal leaves the attention network no loss")
         if (opts.warmup_epochs or opts.refit_epochs or opts.warmup_liftoff) and opts.mode != "iterative":
             raise UserError("--warmup-epochs, --warmup-liftoff and --refit-epochs apply to the iterative mode only")
+        if opts.warmup_liftoff and not opts.warmup_epochs:
+            raise UserError("--warmup-liftoff extends the warm-up, and --warmup-epochs is 0 here: pass --warmup-epochs")
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
         return build_dsah(backbone, bits, weights, method=self.name, **arch)
