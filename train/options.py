@@ -56,6 +56,9 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 3e-4}
 
 # Options that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "eval_every"})
+# Options added after run folders were written, each with the value that trains as those runs did:
+# a checkpoint whose config lacks one resumes under that value.
+ADDED_OPTIONS = {"warmup_liftoff": 0.0}
 
 
 @dataclass

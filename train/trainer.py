@@ -46,7 +46,7 @@ from dsah_rt.train.data.torch_dataset import TorchSplit
 from dsah_rt.train.evaluation import encode_split, eval_loader, evaluate_keeping_threads
 from dsah_rt.train.losses import similarity
 from dsah_rt.train.methods import Phase, frozen, get_method, model_from_config
-from dsah_rt.train.options import RESUMABLE_CHANGES, TrainOptions, resolve_device
+from dsah_rt.train.options import ADDED_OPTIONS, RESUMABLE_CHANGES, TrainOptions, resolve_device
 from dsah_rt.train.run_dir import (
     CHECKPOINT, capture_rng_states, load_checkpoint, resolved_config, restore_rng_states, save_checkpoint,
     state_fingerprint,
@@ -156,7 +156,7 @@ class Trainer:
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         now = _jsonable(asdict(self.opts))
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, ADDED_OPTIONS.get(k)) != now[k])
         if changed:
             k = changed[0]
             raise UserError(

@@ -86,6 +86,16 @@ def test_resume_rules(data, tmp_path: Path) -> None:
     assert len(_train(data, tmp_path, resume=True, epochs=1)) == 1  # already done: nothing to train
 
 
+def test_a_run_written_before_an_option_existed_resumes_under_its_old_behaviour(data, tmp_path: Path) -> None:
+    _train(data, tmp_path, epochs=1, warmup_epochs=1)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["config"]["training"]["warmup_liftoff"]  # as a checkpoint from before the option
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match=r"different warmup_liftoff \(None in the run, 0.5 now\)"):
+        _train(data, tmp_path, resume=True, epochs=2, warmup_epochs=1, warmup_liftoff=0.5)
+    assert len(_train(data, tmp_path, resume=True, epochs=2, warmup_epochs=1)) == 2
+
+
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
