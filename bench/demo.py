@@ -174,11 +174,12 @@ def _index(r: dict[str, Any]) -> str:
         f"DSaH {sec['train_dsah']:.0f} s, DPSH {sec['train_dpsh']:.0f} s. Resolved options: DSaH {_options(r['options_dsah'])}; "
         f"DPSH {_options(r['options_dpsh'])}.",
         "",
-        "One seed; the claim rests on three (bench/results/attention-evidence.md, 64 px images): DSaH "
-        "at its defaults beats DPSH at its defaults by more than 0.05 MAP at 12, 24 and 48 bits; the same "
-        "recipe with the attention replaced by the identity (Hash(x), `--ablation attention-identity`) "
-        "scores lower on every seed at 12 bits but the same at 24, so at this code length most of the "
-        "gain is DSaH's hashing recipe, not yet its attention.",
+        "One seed; the claim rests on five to eight (bench/results/train-evidence.md, rounds 5-6, 64 px "
+        "images): DSaH at its defaults beats DPSH at its defaults by more than 0.05 MAP at 12, 24 and 48 "
+        "bits on every seed; the same recipe with the attention replaced by the identity (Hash(x), "
+        "`--ablation attention-identity`) scores lower on every seed at 12 and 48 bits, but at 24 only by "
+        "+0.040 +- 0.021 (three runs of eight seeds, carried by two), so at this code length most of the "
+        "gain is DSaH's hashing recipe, not yet shown to be its attention.",
         "",
         "## Retrieval quality (query vs database, codes written by the trainer, `dsah_rt.metrics.evaluate`)",
         "",
