@@ -12,6 +12,7 @@ acceptance  dpsh (`--method dpsh`), saliency (`--method dsah`: the measured reci
 table3      the paper's Table 3: Algorithm 1 (iterative) against Eq. 18 (simultaneous)
 table4      the paper's Table 4 on the measured recipe: each of its loss terms switched off or back
             on, and the paper's recipe entire (`--recipe paper`)
+fcn8s       DSaH with an FCN-8s attention network (its controls: the acceptance table's identity and dpsh)
 lite0       the acceptance rows with ImageNet efficientnet_lite0 backbones at 64 px (the other regime)
 Every row trains from the same seed's hashing-network weights. MAP@all of the query split; "last
 3" is the mean of the last three evaluations (every 4 epochs). Two runs at a time, one torch thread
@@ -61,6 +62,9 @@ TABLES: dict[str, dict[str, dict[str, Any]]] = {
         "no area term": {"method": "dsah", "area": 0.0},
         "the paper's recipe": {"method": "dsah", "recipe": "paper"},
     },
+    # FCN-8s against the paper's FCN-16s (train-evidence.md, round 7): the identity and DPSH rows have no
+    # attention network, so the acceptance table's are this table's controls.
+    "fcn8s": {"saliency-8s": {"method": "dsah", "fcn": "8s"}},
     # The other regime (issue 8, section 4): ImageNet efficientnet_lite0 in both networks, tuned, at
     # 64 px; run with --epochs 30 --bits 24 (a 60-epoch lite0 DSaH run takes ~2.5 h on one core).
     "lite0": {
@@ -193,10 +197,11 @@ def read_records(paths: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
 @click.option("--draws", type=click.IntRange(1, len(NUDGES)), default=1, show_default=True,
               help="Runs per cell, draw d at the default learning rate x (1 + NUDGES[d]).")
 @click.option("--epochs", type=int, default=EPOCHS, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Runs at a time, one torch thread each.")
 @click.option("--stem", help="Output file name without extension (default: from the table's name).")
 @click.option("--quick", is_flag=True, help="A smoke test of the script on tiny data, not evidence.")
 def main(out: str | None, reports: tuple[str, ...], name: str, data_option: tuple[str, ...], seeds: tuple[int, ...], bits: tuple[int, ...],
-         only: tuple[str, ...], draws: int, epochs: int, stem: str | None, quick: bool) -> None:  # fmt: skip
+         only: tuple[str, ...], draws: int, epochs: int, workers: int, stem: str | None, quick: bool) -> None:  # fmt: skip
     if reports:
         click.echo(table(*read_records(list(reports))))
         return
@@ -223,7 +228,7 @@ def main(out: str | None, reports: tuple[str, ...], name: str, data_option: tupl
         jobs = [(name, row, s, k, epochs, data_options, scratch, d)
                 for k in bits for s in seeds for d in range(draws) for row in rows]  # fmt: skip
         jobs.sort(key=lambda job: TABLES[name][job[1]]["method"] == "dpsh")  # the long runs first: the pool drains evenly
-        with mp.get_context("spawn").Pool(2) as pool:
+        with mp.get_context("spawn").Pool(workers) as pool:
             for record in pool.imap_unordered(_run, jobs, chunksize=1):
                 result["records"].append(record)
                 write_json(Path(out) / f"{stem}.json", result)

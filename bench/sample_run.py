@@ -24,13 +24,17 @@ CALIBRATION_IMAGES = 64
 
 
 def make_run(
-    run_dir: Path, backbone: str, bits: int, input_size: int, weights: str = "none", seed: int = 0
+    run_dir: Path, backbone: str, bits: int, input_size: int, weights: str = "none", seed: int = 0, fcn: str = "16s"
 ) -> Path:
     """Write and return `run_dir`: DSaH on `backbone` at `input_size` px, `weights` as build_model takes them."""
     torch.manual_seed(seed)
-    model = build_model("dsah", backbone, bits, weights=weights)
-    if weights == "none":
-        with torch.no_grad():
+    model = build_model("dsah", backbone, bits, weights=weights, fcn=fcn)
+    with torch.no_grad():
+        # FCN starts its finer scores at zero; trained, they are not, and an export must carry them.
+        for name in ("score_c4", "score_c3"):
+            if hasattr(model.attention, name):
+                torch.nn.init.normal_(getattr(model.attention, name).weight, std=0.1)
+        if weights == "none":
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.running_mean.uniform_(-0.2, 0.2)

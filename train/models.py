@@ -3,7 +3,7 @@
 Every model takes float images in [0, 1], NCHW RGB, and normalises inside (`Normalize`), so an
 exported graph is fed raw pixels / 255 and the saliency image of Eq. 4 stays in pixel space.
 
-  AttentionNet  FCN-16s: backbone -> fc6/fc7 as convolutions -> 1-channel saliency logits
+  AttentionNet  FCN-16s (or FCN-8s): backbone -> fc6/fc7 as convolutions -> 1-channel saliency logits
   HashNet       backbone -> head (VGG fc6/fc7) -> Linear(head_features, bits) = u
   DSaH          attention + hashing, each with its own backbone: u, u' and the saliency map
   DPSH          HashNet alone, the paper's DPSH++ baseline on the same backbone
@@ -90,17 +90,28 @@ def _bilinear_upsampler(factor: int) -> nn.ConvTranspose2d:
     return up
 
 
+FCNS = ("16s", "8s")
+
+
 class AttentionNet(nn.Module):
-    """FCN-16s saliency network (sec. 3.1): image in [0, 1] -> raw saliency logits (N, 1, H, W).
+    """FCN saliency network (sec. 3.1): image in [0, 1] -> raw saliency logits (N, 1, H, W).
 
     It owns `backbone` and drops its pooled head: the FCN works on the feature maps. For VGG-16
     at the default width the head's fc6/fc7 become the 7x7/1x1 convolutions (FCN's
     convolutionalisation, so ImageNet weights carry over); otherwise `fc_channels`-wide
     convolutions (kernel 3) are freshly initialised, which keeps small configurations cheap.
+
+    `fcn="16s"` (the paper's FCN-16s) scores strides 32 and 16; `"8s"` (FCN-8s, Long et al.) adds
+    a stride-8 score. The finest grid sets how small a part the map can keep: the paper's VGG-16
+    at 224 px scores a 14 x 14 grid, FCN-16s at 64 px a 4 x 4 one, on which a part of 4-8% of the
+    image straddling a cell border costs ~25% of the image; FCN-8s at 64 px scores 8 x 8.
     """
 
-    def __init__(self, backbone: Backbone, fc_channels: int | None = None, dropout: float = 0.5) -> None:
+    def __init__(self, backbone: Backbone, fc_channels: int | None = None, dropout: float = 0.5, fcn: str = "16s") -> None:
         super().__init__()
+        if fcn not in FCNS:
+            raise UserError(f"fcn must be one of {', '.join(FCNS)}, got {fcn!r}")
+        self.fcn = fcn
         self.normalize = Normalize(backbone.mean, backbone.std)
         self.backbone = backbone
         head = backbone.drop_head()
@@ -121,23 +132,37 @@ class AttentionNet(nn.Module):
         self.fc_channels = fc_channels
         self.score_c5 = nn.Conv2d(fc_channels, 1, 1)
         self.score_c4 = nn.Conv2d(backbone.c4_channels, 1, 1)
-        # FCN-16s zero-initialises the pool4 score so training starts from the FCN-32s output.
+        # FCN zero-initialises each finer score so training starts from the coarser net's output.
         nn.init.zeros_(self.score_c4.weight)
         nn.init.zeros_(self.score_c4.bias)
         self.up2 = _bilinear_upsampler(2)
-        self.up16 = _bilinear_upsampler(16)
+        if fcn == "16s":
+            self.up16 = _bilinear_upsampler(16)
+        else:
+            self.score_c3 = nn.Conv2d(backbone.c3_channels, 1, 1)
+            nn.init.zeros_(self.score_c3.weight)
+            nn.init.zeros_(self.score_c3.bias)
+            self.up2_c4 = _bilinear_upsampler(2)
+            self.up8 = _bilinear_upsampler(8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c4, c5 = self.backbone.forward_features(self.normalize(x))
-        s4 = self.score_c4(c4)
-        s5 = self.up2(self.score_c5(self.fc(c5)))
-        if s5.shape[-2:] != s4.shape[-2:]:
-            # Odd stride-16 sizes (input not a multiple of 32) floor or ceil differently per backbone.
-            s5 = F.interpolate(s5, size=s4.shape[-2:], mode="bilinear", align_corners=False)
-        s = self.up16(s5 + s4)
+        if self.fcn == "16s":
+            c4, c5 = self.backbone.forward_features(self.normalize(x))
+        else:
+            c3, c4, c5 = self.backbone.forward_pyramid(self.normalize(x))
+        s = _fuse(self.up2(self.score_c5(self.fc(c5))), self.score_c4(c4))
+        s = self.up16(s) if self.fcn == "16s" else self.up8(_fuse(self.up2_c4(s), self.score_c3(c3)))
         if s.shape[-2:] != x.shape[-2:]:
             s = F.interpolate(s, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return s
+
+
+def _fuse(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    """The upsampled coarser score plus the finer one (FCN's skip)."""
+    if coarse.shape[-2:] != fine.shape[-2:]:
+        # Odd sizes (input not a multiple of 32) floor or ceil differently per backbone.
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+    return coarse + fine
 
 
 class HashNet(nn.Module):
@@ -220,6 +245,7 @@ class DSaH(nn.Module):
             self.hashing.backbone,
             self.hashing.bits,
             fc_channels=self.attention.fc_channels,
+            fcn=self.attention.fcn,
             identity_map=self.identity_map,
         )
 
@@ -244,7 +270,7 @@ class DPSH(nn.Module):
 
 def build_dsah(
     backbone: str, bits: int, weights: Weights = "imagenet", fc_channels: int | None = None, method: str = "dsah",
-    identity_map: bool = False,
+    identity_map: bool = False, fcn: str = "16s",
 ) -> DSaH:
     """DSaH on `backbone`: two independent backbone instances, both loaded with `weights`.
 
@@ -252,7 +278,7 @@ def build_dsah(
     `build_dpsh`'s (matched initialisation: a method comparison is then not an init lottery).
     """
     hashing = HashNet(build_backbone(backbone, weights), bits)
-    attention = AttentionNet(build_backbone(backbone, weights), fc_channels=fc_channels)
+    attention = AttentionNet(build_backbone(backbone, weights), fc_channels=fc_channels, fcn=fcn)
     return DSaH(attention, hashing, method, identity_map)
 
 

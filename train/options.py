@@ -37,6 +37,7 @@ import torch
 from dsah_rt.codes import MAX_BITS
 from dsah_rt.errors import UserError
 from dsah_rt.train.losses import LAMBDA, NORMS, SIMULTANEOUS_LAMBDA, Norm, Units
+from dsah_rt.train.models import FCNS
 from dsah_rt.train.methods import METHODS, get_method
 
 MODES = ("iterative", "simultaneous")
@@ -58,7 +59,7 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 3e-4}
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "eval_every"})
 # Options added after run folders were written, each with the value that trains as those runs did:
 # a checkpoint whose config lacks one resumes under that value.
-ADDED_OPTIONS = {"warmup_liftoff": 0.0}
+ADDED_OPTIONS = {"warmup_liftoff": 0.0, "fcn": "16s"}
 
 
 @dataclass
@@ -108,6 +109,9 @@ class TrainOptions:
     # None: the recipe's (measured epochs / 3).
     refit_epochs: int | None = None
     area: float | None = None  # DSaH: weight of the map's mean area in Eq. 14 (paper 0; None: the recipe's)
+    # DSaH: the attention network's finest score, FCN-16s (the paper's) or FCN-8s (a stride-8 grid:
+    # 8 x 8 at 64 px, where FCN-16s scores 4 x 4). None: the recipe's.
+    fcn: str | None = None
     augment: str = "none"
     seed: int = 0
     device: str = "auto"
@@ -117,10 +121,10 @@ class TrainOptions:
     def resolved(self) -> TrainOptions:
         """A copy with every None default filled in, validated."""
         checks = (("method", tuple(METHODS)), ("recipe", RECIPES), ("mode", MODES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                  ("augment", AUGMENTS), ("hash_backbone", HASH_BACKBONES), ("margin_units", ("bits", "unit")), ("semantic_norm", (None, *NORMS)))  # fmt: skip
+                  ("augment", AUGMENTS), ("hash_backbone", HASH_BACKBONES), ("margin_units", ("bits", "unit")), ("semantic_norm", (None, *NORMS)), ("fcn", (None, *FCNS)))  # fmt: skip
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
-                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be one of {', '.join(a for a in allowed if a)}, got {getattr(self, name)!r}")
         unknown = sorted(set(self.ablations) - set(ABLATIONS))
         if unknown:
             raise UserError(f"unknown ablation {unknown[0]!r}; known: {', '.join(ABLATIONS)}")

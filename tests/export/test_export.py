@@ -46,6 +46,22 @@ def test_one_file_with_a_dynamic_uint8_batch_and_metadata(model):
     assert info.fingerprint == run_fingerprint(run)
 
 
+def test_an_fcn8s_run_exports_to_one_verified_graph(tmp_path):
+    run = make_run(tmp_path / "run", fcn="8s")
+    report = export_run(run, tmp_path / "model.onnx", with_u=True)
+    ups = [n for n in onnx.load(tmp_path / "model.onnx").graph.node if n.op_type == "ConvTranspose"]
+    assert len(ups) == 3  # stride 32 -> 16 -> 8 -> 1, where FCN-16s has two
+    net, _ = load_run(run)
+    assert net.attention.fcn == "8s" and net.attention.score_c3.weight.abs().sum() > 0
+    images = scene_images(9, INPUT_SIZE, seed=2)
+    with torch.no_grad():
+        u = net.encode(torch.from_numpy(images).float() / 255).numpy()
+    with make_runner(tmp_path / "model.onnx", "ort-cpu") as ort:
+        _, u_ort = ort.infer_with_u(images)
+    np.testing.assert_allclose(u_ort, u, rtol=1e-4, atol=1e-5 * np.abs(u).max())
+    assert report["onnx"]["ok"] and report["onnx"]["flipped"] == 0
+
+
 def test_onnx_checker_and_strict_shape_inference(model):
     run, path = model
     report = check_onnx_graph(path, make_runner(path).info)

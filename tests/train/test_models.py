@@ -1,4 +1,4 @@
-"""DSaH networks: code convention, Eq. 3-4, FCN-16s geometry and fusion, the network pair."""
+"""DSaH networks: code convention, Eq. 3-4, FCN-16s and FCN-8s geometry and fusion, the network pair."""
 
 from __future__ import annotations
 
@@ -93,12 +93,33 @@ def test_bilinear_upsampler_is_bilinear_interpolation() -> None:
         torch.testing.assert_close(got[..., inner, inner], ref[..., inner, inner])
 
 
+@pytest.fixture(scope="module")
+def dsah8() -> M.DSaH:
+    torch.manual_seed(0)
+    return M.build_dsah("small", 12, weights=None, fcn="8s").eval()
+
+
 @pytest.mark.parametrize("size", [(64, 64), (96, 128), (32, 32), (70, 50), (33, 47), (100, 100)])
-def test_attention_output_is_input_sized(dsah: M.DSaH, size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("fcn", ["16s", "8s"])
+def test_attention_output_is_input_sized(dsah: M.DSaH, dsah8: M.DSaH, fcn: str, size: tuple[int, int]) -> None:
     with torch.no_grad():
-        out = dsah.attention(torch.rand(2, 3, *size))
+        out = (dsah if fcn == "16s" else dsah8).attention(torch.rand(2, 3, *size))
     assert out.shape == (2, 1, *size)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backbone", ["small", "efficientnet_lite0"])
+def test_the_pyramid_is_the_features_at_strides_8_16_32(backbone: str) -> None:
+    from dsah_rt.train.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone(backbone, None).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        c3, c4, c5 = net.forward_pyramid(x)
+        c4_alone, c5_alone = net.forward_features(x)
+    assert c3.shape[1:] == (net.c3_channels, 8, 8) and c4.shape[-1] == 4 and c5.shape[-1] == 2
+    assert torch.equal(c4, c4_alone) and torch.equal(c5, c5_alone)  # the same layers, cut in one more place
 
 
 def _output_change_from(net: M.AttentionNet, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +151,21 @@ def test_stride16_and_stride32_scores_both_reach_the_output(dsah: M.DSaH) -> Non
     # one stride-32 cell, upsampled twice, reaches about twice as far
     assert len(rows4) > 0 and rows4.max() < 32 and cols4.max() < 32
     assert len(rows5) > 0 and rows5.max() >= 32 and rows5.max() < 64
+
+
+def test_fcn8s_adds_a_stride8_score_that_starts_at_zero(dsah8: M.DSaH) -> None:
+    net = dsah8.attention
+    assert net.fcn == "8s" and not net.score_c3.weight.any() and not net.score_c3.bias.any()
+    x = torch.rand(1, 3, 128, 128)
+    from_c3 = _output_change_from(net, net.score_c3, x)
+    from_c4 = _output_change_from(net, net.score_c4, x)
+    rows3, cols3 = torch.nonzero(from_c3 > 1e-6, as_tuple=True)
+    rows4 = torch.nonzero(from_c4 > 1e-6, as_tuple=True)[0]
+    # one stride-8 cell reaches about one 8-pixel cell (plus the fringe): half as far as a stride-16 one
+    assert len(rows3) > 0 and rows3.max() < 16 and cols3.max() < 16
+    assert rows4.max() >= 16 and rows4.max() < 32
+    with pytest.raises(UserError, match="fcn must be one of 16s, 8s"):
+        M.build_dsah("small", 12, weights=None, fcn="4s")
 
 
 # --------------------------------------------------------------------------- networks and pair
@@ -201,11 +237,14 @@ def test_dpsh_and_registry() -> None:
         methods.build_model("dpsh", "small", 0, weights=None)
 
 
-@pytest.mark.parametrize("method", ["dsah", "dpsh"])
+@pytest.mark.parametrize("method", ["dsah", "dsah-8s", "dpsh"])
 def test_config_rebuilds_the_model(method: str) -> None:
     torch.manual_seed(0)
-    model = methods.build_model(method, "small", 12, weights=None, **({"fc_channels": 32} if method == "dsah" else {})).eval()
+    arch = {"dsah": {"fc_channels": 32}, "dsah-8s": {"fc_channels": 32, "fcn": "8s"}, "dpsh": {}}[method]
+    method = method.removesuffix("-8s")
+    model = methods.build_model(method, "small", 12, weights=None, **arch).eval()
     config = model.config()
+    assert config.get("fcn") == arch.get("fcn", "16s" if method == "dsah" else None)
     assert config["method"] == method and config["backbone"] == "small" and config["bits"] == 12
     assert config["input_size"] == 64 and len(config["mean"]) == len(config["std"]) == 3
     assert config["weights_source"] == "none (random init)"
@@ -214,3 +253,9 @@ def test_config_rebuilds_the_model(method: str) -> None:
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode(x), model.encode(x))
+
+
+def test_a_config_from_before_fcn8s_rebuilds_fcn16s() -> None:
+    config = methods.build_model("dsah", "small", 12, weights=None, fcn="16s").config()
+    del config["fcn"]
+    assert methods.model_from_config(config).attention.fcn == "16s"

@@ -94,6 +94,12 @@ def test_a_run_written_before_an_option_existed_resumes_under_its_old_behaviour(
     with pytest.raises(UserError, match=r"different warmup_liftoff \(None in the run, 0.5 now\)"):
         _train(data, tmp_path, resume=True, epochs=2, warmup_epochs=1, warmup_liftoff=0.5)
     assert len(_train(data, tmp_path, resume=True, epochs=2, warmup_epochs=1)) == 2
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["config"]["training"]["fcn"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match=r"different fcn \(None in the run, '8s' now\)"):
+        _train(data, tmp_path, resume=True, epochs=3, warmup_epochs=1, fcn="8s")
+    assert len(_train(data, tmp_path, resume=True, epochs=3, warmup_epochs=1)) == 3
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -134,6 +140,11 @@ def test_simultaneous_and_ablations_build_the_right_losses(data, tmp_path: Path)
         _opts(ablations=("nope",)).resolved()
     with pytest.raises(UserError, match="saliency methods only"):
         _opts(method="dpsh", mode="simultaneous").resolved()
+    with pytest.raises(UserError, match="--fcn apply to the saliency methods only"):
+        _opts(method="dpsh", fcn="8s").resolved()
+    assert _opts(method="dpsh", fcn="16s").resolved().fcn == "16s"  # the neutral value, as config.json states it
+    with pytest.raises(UserError, match="fcn must be one of 16s, 8s, got '4s'"):
+        _opts(fcn="4s").resolved()
 
 
 def test_dpsh_outputs_and_logged_map(data, tmp_path: Path) -> None:

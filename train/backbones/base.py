@@ -1,8 +1,9 @@
 """What both DSaH networks need from a CNN, and how a backbone's weights are read.
 
 The attention network (FCN-16s) needs two feature maps, c4 at stride 16 (VGG pool4) and c5 at
-stride 32 (VGG pool5); the hashing network needs a feature vector (VGG fc7) under which it puts
-its hash layer. A `Backbone` exposes exactly those: `forward_features(x) -> (c4, c5)` and
+stride 32 (VGG pool5), and as FCN-8s a third, c3 at stride 8 (VGG pool3); the hashing network
+needs a feature vector (VGG fc7) under which it puts its hash layer. A `Backbone` exposes exactly
+those: `forward_features(x) -> (c4, c5)`, `forward_pyramid(x) -> (c3, c4, c5)` and
 `head(c5) -> (N, head_features)`, plus the input size and normalisation its weights expect.
 
 Backbones take *normalised* images; `dsah_rt.train.models.Normalize` applies `mean`/`std`.
@@ -29,16 +30,20 @@ class Backbone(nn.Module):
     """A CNN cut into the pieces DSaH uses.
 
     `to_c4` maps a normalised image to the stride-16 map, `to_c5` maps that to the stride-32 map
-    and `head` maps the stride-32 map to a feature vector for the hash layer.
+    and `head` maps the stride-32 map to a feature vector for the hash layer. `to_c4[:c3_index]`
+    ends at the stride-8 map: slicing the one Sequential keeps every parameter's name, so weights
+    and checkpoints saved before FCN-8s existed still load.
     """
 
     def __init__(
         self,
         *,
         name: str,
-        to_c4: nn.Module,
+        to_c4: nn.Sequential,
         to_c5: nn.Module,
         head: nn.Module,
+        c3_index: int,
+        c3_channels: int,
         c4_channels: int,
         c5_channels: int,
         head_features: int,
@@ -52,6 +57,8 @@ class Backbone(nn.Module):
         self.to_c4 = to_c4
         self.to_c5 = to_c5
         self.head: nn.Module | None = head
+        self.c3_index = c3_index
+        self.c3_channels = c3_channels
         self.c4_channels = c4_channels
         self.c5_channels = c5_channels
         self.head_features = head_features
@@ -63,6 +70,12 @@ class Backbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c4 = self.to_c4(x)
         return c4, self.to_c5(c4)
+
+    def forward_pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c3, c4, c5) at strides 8, 16 and 32, for FCN-8s."""
+        c3 = self.to_c4[: self.c3_index](x)
+        c4 = self.to_c4[self.c3_index :](c3)
+        return c3, c4, self.to_c5(c4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is None:

@@ -35,6 +35,7 @@ _LITE0_STAGES = (
 _LITE0_STEM = 32
 _LITE0_HEAD = 1280
 _LITE0_C4_BLOCKS = 11  # blocks 0..10 end at stride 16 (112 channels); 11..15 run at stride 32
+_LITE0_C3_BLOCKS = 5  # blocks 0..4 end at stride 8 (40 channels)
 _BN_EPS = 1e-3  # TensorFlow's default, which the ported running statistics were computed with
 _BN_MOMENTUM = 0.01
 
@@ -149,6 +150,8 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
         to_c4=nn.Sequential(net.stem(), *net._blocks[:_LITE0_C4_BLOCKS]),
         to_c5=nn.Sequential(*net._blocks[_LITE0_C4_BLOCKS:], net.head_conv()),
         head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)),
+        c3_index=1 + _LITE0_C3_BLOCKS,  # the stem, then the blocks
+        c3_channels=_LITE0_STAGES[2][-1],
         c4_channels=_LITE0_STAGES[4][-1],
         c5_channels=_LITE0_HEAD,
         head_features=_LITE0_HEAD,

@@ -39,6 +39,8 @@ class SmallBackbone(Backbone):
             head=nn.Sequential(
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(SMALL_WIDTHS[-1], SMALL_HEAD), nn.ReLU(inplace=True)
             ),
+            c3_index=3,  # three stride-2 stages: stride 8
+            c3_channels=SMALL_WIDTHS[2],
             c4_channels=SMALL_WIDTHS[3],
             c5_channels=SMALL_WIDTHS[4],
             head_features=SMALL_HEAD,

@@ -64,12 +64,15 @@ def _vgg16(weights: str | None) -> Backbone:
     if state is not None:
         load_strict(net, state, weights_file)
     pool4_end = 24  # features[23] is pool4: everything up to it is stride 16
+    pool3_end = 17  # features[16] is pool3: stride 8
     return Backbone(
         name="vgg16",
         to_c4=net.features[:pool4_end],
         to_c5=net.features[pool4_end:],
         # fc6/fc7 with their ReLU+Dropout; fc8 (the 1000-way classifier) is what DSaH replaces.
         head=nn.Sequential(net.avgpool, nn.Flatten(1), *net.classifier[:-1]),
+        c3_index=pool3_end,
+        c3_channels=256,
         c4_channels=512,
         c5_channels=512,
         head_features=4096,

@@ -103,7 +103,8 @@ class Method:
         from dsah_rt.train.losses import ALPHA, DPSH_ETA, SIMULTANEOUS_ALPHA
 
         return {"semantic_norm": "square", "alpha": SIMULTANEOUS_ALPHA if opts.mode == "simultaneous" else ALPHA,
-                "eta": DPSH_ETA, "area": 0.0, "warmup_epochs": 0, "warmup_liftoff": 0.0, "refit_epochs": 0}  # fmt: skip
+                "eta": DPSH_ETA, "area": 0.0, "warmup_epochs": 0, "warmup_liftoff": 0.0, "refit_epochs": 0,
+                "fcn": "16s"}  # fmt: skip
 
     def check(self, opts: TrainOptions) -> None:
         """Refuse option combinations the method cannot honour, with one line each."""

@@ -27,9 +27,9 @@ class DPSHMethod(Method):
 
     def check(self, opts) -> None:
         staged = opts.warmup_epochs or opts.warmup_liftoff or opts.refit_epochs
-        if opts.ablations or opts.mode != "iterative" or staged or opts.area:
+        if opts.ablations or opts.mode != "iterative" or staged or opts.area or opts.fcn != "16s":
             raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs, --warmup-liftoff, "
-                            "--refit-epochs and --saliency-area apply to the saliency methods only")  # fmt: skip
+                            "--refit-epochs, --saliency-area and --fcn apply to the saliency methods only")  # fmt: skip
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
         return build_dpsh(backbone, bits, weights, method=self.name)

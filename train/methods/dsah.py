@@ -72,10 +72,11 @@ class DSaHMethod(Method):
         return build_dsah(backbone, bits, weights, method=self.name, **arch)
 
     def architecture(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {"fc_channels": config["fc_channels"], "identity_map": config.get("identity_map", False)}
+        return {"fc_channels": config["fc_channels"], "identity_map": config.get("identity_map", False),
+                "fcn": config.get("fcn", "16s")}  # a run saved before FCN-8s existed is FCN-16s
 
     def architecture_from_options(self, opts) -> dict[str, Any]:
-        return {"identity_map": "attention-identity" in opts.ablations}
+        return {"identity_map": "attention-identity" in opts.ablations, "fcn": opts.fcn}
 
     def objectives(self, opts, bits: int) -> dict[str, Objective]:
         """The loss of each phase, as a function of (model, images, S)."""
