@@ -105,6 +105,9 @@ def _run(job: Job) -> dict[str, Any]:
         "row": row, "seed": seed, "bits": bits, "draw": draw, "lr": opts.resolved().lr,
         "seconds": time.perf_counter() - start, "map_last3": float(np.mean([m["map"] for m in evaluated[-3:]])),
         "maps": [m["map"] for m in evaluated], "localisation": [m.get("localisation") for m in evaluated],
+        # the map's share of the image and entropy (1.0 = flat) in the last pass that used it
+        "map_stats": next(({k: d[k] for k in ("map_mean", "map_entropy")} for d in reversed(metrics[-1]["diagnostics"].values())
+                           if "map_mean" in d), None),
     }  # fmt: skip
     loc = evaluated[-1].get("localisation")
     print(f"[{time.strftime('%H:%M:%S')}] {row} {bits} bits seed {seed} draw {draw}: MAP {record['map_last3']:.4f}"

@@ -69,6 +69,8 @@ def test_a_row_trains_and_scores(row: str) -> None:
         record = _run(("acceptance", row, 0, 8, 2, options, scratch, 0))
     assert record["row"] == row and 0 <= record["map_last3"] <= 1 and len(record["maps"]) == 1
     assert record["draw"] == 0 and record["lr"] == 3e-4
+    share = record["map_stats"]["map_mean"]
+    assert share == 1.0 if row == "identity" else 0 < share < 1  # Salmap = 1, or a min-max normalised map
 
 
 def test_a_draw_nudges_the_learning_rate_and_nothing_else() -> None:
