@@ -18,15 +18,17 @@ import torch
 
 from dsah_rt.export.verify import scene_images
 from dsah_rt.train.methods import build_model
+from dsah_rt.train.methods.dsah import MEASURED_FCN
 from dsah_rt.train.run_dir import capture_rng_states, resolved_config, save_checkpoint
 
 CALIBRATION_IMAGES = 64
 
 
 def make_run(
-    run_dir: Path, backbone: str, bits: int, input_size: int, weights: str = "none", seed: int = 0, fcn: str = "16s"
+    run_dir: Path, backbone: str, bits: int, input_size: int, weights: str = "none", seed: int = 0, fcn: str = MEASURED_FCN
 ) -> Path:
-    """Write and return `run_dir`: DSaH on `backbone` at `input_size` px, `weights` as build_model takes them."""
+    """Write and return `run_dir`: DSaH on `backbone` at `input_size` px, `weights` as build_model takes them,
+    with `dsah-rt train`'s default FCN unless `fcn` says otherwise."""
     torch.manual_seed(seed)
     model = build_model("dsah", backbone, bits, weights=weights, fcn=fcn)
     with torch.no_grad():

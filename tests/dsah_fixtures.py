@@ -14,7 +14,7 @@ INPUT_SIZE = 32
 BITS = 12  # not a multiple of 8: the packing's zero padding is exercised everywhere
 
 
-def make_run(run_dir: Path, bits: int = BITS, seed: int = 0, fcn: str = "16s") -> Path:
+def make_run(run_dir: Path, bits: int = BITS, seed: int = 0, fcn: str = "8s") -> Path:
     """The tests' tiny RUN_DIR (see dsah_rt.bench.sample_run: BN statistics and bits spread like a trained run's)."""
     from dsah_rt.bench.sample_run import make_run as sample_run
 

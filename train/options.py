@@ -110,7 +110,7 @@ class TrainOptions:
     refit_epochs: int | None = None
     area: float | None = None  # DSaH: weight of the map's mean area in Eq. 14 (paper 0; None: the recipe's)
     # DSaH: the attention network's finest score, FCN-16s (the paper's) or FCN-8s (a stride-8 grid:
-    # 8 x 8 at 64 px, where FCN-16s scores 4 x 4). None: the recipe's.
+    # 8 x 8 at 64 px, where FCN-16s scores 4 x 4). None: the recipe's (measured 8s, paper 16s).
     fcn: str | None = None
     augment: str = "none"
     seed: int = 0

@@ -18,6 +18,7 @@ def test_rows_are_the_defaults_plus_what_they_name() -> None:
     assert saliency == {"method": "dsah"} and ROWS["dpsh"] == {"method": "dpsh"}
     assert identity == {**saliency, "ablations": ("attention-identity",)}
     assert TABLES["table3"]["simultaneous"] == {**TABLES["table3"]["iterative"], "mode": "simultaneous"}
+    assert TABLES["fcn16s"] == {"saliency-16s": {**saliency, "fcn": "16s"}}
     assert all(row["method"] == "dsah" for row in TABLES["table4"].values())
     lite0 = {"backbone": "efficientnet_lite0", "input_size": 64, "eval_every": 3}
     assert TABLES["lite0"] == {row: {**options, **lite0} for row, options in ROWS.items()}
@@ -44,6 +45,12 @@ def test_table_averages_draws_and_pairs_every_row_with_each_baseline() -> None:
     # localisation of every saliency run (2.5 + seed + draw), never of the identity's flat map
     assert "Localisation of saliency at 24 bits, last evaluation (1.0 = flat map): mean 3.17, min 2.50, 0 of 3" in md
     assert "Localisation of identity" not in md
+
+
+def test_table_contrasts_the_default_fcn_with_the_papers() -> None:
+    records = _records({("saliency", 0): [0.6], ("saliency-16s", 0): [0.5, 0.6], ("identity", 0): [0.4]})
+    md = table(records, ["saliency", "identity", "saliency-16s"])
+    assert "saliency - saliency-16s (paired)" in md and "| 24 | 0 | 0.600 | 0.400 | 0.500 / 0.600 | +0.200 | +0.150 | +0.050 |" in md
 
 
 def test_table_pairs_only_the_seeds_both_rows_have() -> None:

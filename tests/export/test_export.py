@@ -46,13 +46,15 @@ def test_one_file_with_a_dynamic_uint8_batch_and_metadata(model):
     assert info.fingerprint == run_fingerprint(run)
 
 
-def test_an_fcn8s_run_exports_to_one_verified_graph(tmp_path):
-    run = make_run(tmp_path / "run", fcn="8s")
+@pytest.mark.parametrize("fcn", ["16s", "8s"])
+def test_either_fcn_exports_to_one_verified_graph(fcn, tmp_path):
+    run = make_run(tmp_path / "run", fcn=fcn)
     report = export_run(run, tmp_path / "model.onnx", with_u=True)
     ups = [n for n in onnx.load(tmp_path / "model.onnx").graph.node if n.op_type == "ConvTranspose"]
-    assert len(ups) == 3  # stride 32 -> 16 -> 8 -> 1, where FCN-16s has two
+    assert len(ups) == {"16s": 2, "8s": 3}[fcn]  # stride 32 -> 16 -> 1, or 32 -> 16 -> 8 -> 1
     net, _ = load_run(run)
-    assert net.attention.fcn == "8s" and net.attention.score_c3.weight.abs().sum() > 0
+    skips = [net.attention.score_c4] + ([net.attention.score_c3] if fcn == "8s" else [])
+    assert net.attention.fcn == fcn and all(layer.weight.abs().sum() > 0 for layer in skips)
     images = scene_images(9, INPUT_SIZE, seed=2)
     with torch.no_grad():
         u = net.encode(torch.from_numpy(images).float() / 255).numpy()

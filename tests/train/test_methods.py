@@ -103,7 +103,7 @@ def test_recipes_fill_only_the_options_left_open(mode: str) -> None:
     assert (paper.semantic_norm, paper.area, paper.warmup_epochs, paper.warmup_liftoff, paper.refit_epochs) == (
         "abs", 0.0, 0, 0.0, 0)  # fmt: skip
     assert paper.alpha == (40.0 if staged else 0.01)
-    assert measured.fcn == paper.fcn == "16s" and TrainOptions(method="dsah", fcn="8s").resolved().fcn == "8s"
+    assert (measured.fcn, paper.fcn) == ("8s", "16s") and TrainOptions(method="dsah", fcn="16s").resolved().fcn == "16s"
     given = TrainOptions(method="dsah", mode=mode, epochs=60, alpha=5.0, area=0.0, semantic_norm="square",
                          **({"warmup_epochs": 3, "refit_epochs": 0} if staged else {})).resolved()  # fmt: skip
     assert (given.alpha, given.area, given.semantic_norm, given.warmup_epochs, given.refit_epochs) == (
