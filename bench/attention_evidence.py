@@ -20,10 +20,10 @@ each: sized for the 2-core machine (the acceptance table at 3 x 3 cells: about 4
 
 One run is one draw of a chaotic process (train-evidence.md, round 6: the same seed with the
 learning rate x (1 + 1e-6) moves MAP by up to 0.08), so `--draws N` trains each cell N times, draw d
-at the default learning rate x (1 + NUDGES[d]), and a seed's number is the mean of its draws. With an
-`identity` row the table adds each other row's paired difference from it: the mean over seeds with
-its standard error and how many seeds are above zero. The JSON is rewritten after every run, so a
-stopped table keeps what finished.
+at the default learning rate x (1 + NUDGES[d]), and a seed's number is the mean of its draws. The
+table adds each row's paired difference from each baseline present (dpsh, identity) and between the
+two FCNs: the mean over seeds with its standard error and how many seeds are above zero. The JSON is
+rewritten after every run, so a stopped table keeps what finished.
 """
 
 from __future__ import annotations
@@ -144,9 +144,8 @@ def table(records: list[dict[str, Any]], rows: list[str]) -> str:
     A seed's MAP is the mean of its draws. Summary, per code length: each row's mean over its seeds
     with their standard deviation; each row's paired difference from each baseline present (dpsh,
     identity) and of each pair in CONTRASTS, over the seeds both have: mean +- standard error and how
-    many seeds are above zero;
-    the localisation of every run with a saliency map at its last evaluation. Per seed: each draw's
-    MAP and the paired differences."""
+    many seeds are above zero; the localisation of every run with a saliency map at its last
+    evaluation. Per seed: each draw's MAP and the paired differences."""
     cells = _cells(records)
     bits = sorted({k for _, k, _ in cells})
     diffs = [(row, base) for base in BASELINES if base in rows for row in rows if row not in BASELINES]
