@@ -16,6 +16,11 @@ Protocol, so that nothing is tuned on the query set:
   2. With those choices fixed, every table trains on the full training set and reports MAP of the
      query split against the database after the last epoch (no early stopping).
 Results: `train-evidence.json` (all per-epoch metrics) and `train-evidence.md` (the tables).
+
+This is the first round's protocol (validation-split choices at a 25-minute budget). The tables the
+README's training section quotes at the current defaults (DSaH against DPSH and the identity control
+over many seeds, Tables 3 and 4, the efficientnet_lite0 regime) come from `python -m
+dsah_rt.bench.attention_evidence`, which records every run and prints the paired table.
 """
 
 from __future__ import annotations

@@ -76,6 +76,10 @@ def parse_option(text: str) -> tuple[str, Any]:
 @click.option("--warmup-liftoff", type=float, default=None,
               help="DSaH: go on warming up (to at most twice --warmup-epochs) until the warm-up's semantic loss is "
                    "this share below chance, i.e. the hashing network has lifted off [default: 0, a fixed warm-up].")
+@click.option("--attention-wait", type=float, default=None,
+              help="DSaH: after the warm-up, hold Algorithm 1's attention pass (the hashing pass training on the "
+                   "original images) until the hashing network's semantic loss is this share below chance "
+                   "[default: measured 0.02, paper 0 (no wait)].")
 @click.option("--refit-epochs", type=int, default=None,
               help="DSaH: last epochs training the hashing network alone on the saliency images, the attention "
                    "frozen and the learning rate restarted [default: measured epochs/3, paper 0].")

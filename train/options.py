@@ -59,7 +59,7 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 3e-4}
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "eval_every"})
 # Options added after run folders were written, each with the value that trains as those runs did:
 # a checkpoint whose config lacks one resumes under that value.
-ADDED_OPTIONS = {"warmup_liftoff": 0.0, "fcn": "16s"}
+ADDED_OPTIONS = {"warmup_liftoff": 0.0, "fcn": "16s", "attention_wait": 0.0}
 
 
 @dataclass
@@ -103,6 +103,12 @@ class TrainOptions:
     # (chance); from a random init lift-off comes at epochs 11-25 of 60 (round 6). None: 0, a fixed
     # warm-up, under both recipes (0.02 lowered the identity control, not DSaH: round 6).
     warmup_liftoff: float | None = None
+    # DSaH: after the warm-up, Algorithm 1's attention pass waits until the hashing network has lifted
+    # off (its J_sem on the original images at least this share below chance), the hashing pass
+    # meanwhile training on the originals as the identity control's does (y = x): an attention
+    # trained against a network at chance shrinks the map with no direction and holds that network
+    # back (round 7, seed 14). 0: no wait (the paper). None: the recipe's.
+    attention_wait: float | None = None
     # DSaH: the last epochs train the hashing network alone on the saliency images, the attention
     # network frozen and the learning rate restarted: a network chasing a map that moves every epoch
     # learned less than one fitted to the settled map (train-evidence.md, round 2). 0: the paper;
@@ -145,8 +151,10 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UserError(f"{name} must be >= 0, got {value}")
-        if self.warmup_liftoff is not None and not 0 <= self.warmup_liftoff < 1:
-            raise UserError(f"warmup_liftoff must be in [0, 1), got {self.warmup_liftoff}")
+        for name in ("warmup_liftoff", "attention_wait"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise UserError(f"{name} must be in [0, 1), got {value}")
         if self.batch_size < 2:
             raise UserError("batch_size must be at least 2: the losses are over pairs within a batch")
         simultaneous = self.mode == "simultaneous"

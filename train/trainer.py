@@ -1,12 +1,12 @@
 """Training: the loop over a method's phases (train/methods/), evaluation, checkpoints and resume.
 
 An epoch runs the phases the method names (DSaH's Algorithm 1: attention, then hashing; its
-warm-up; Eq. 18's joint pass; DPSH's one pass), each a pass over the training set with its own
-optimiser, then evaluates every `eval_every` epochs: codes of the query and database splits
-through the deployed function (`Method.encode`, Eq. 17 for DSaH), MAP, localisation where boxes
-exist, and `train_bits_flipped`, the share of B's bits (the training set's codes) that changed
-since the previous evaluation (the paper's Fig. 6 in one number). The options and why their
-defaults are what they are: `dsah_rt.train.options`.
+warm-up, wait and refit; Eq. 18's joint pass; DPSH's one pass), each a pass over the training set
+with its own optimiser, then evaluates every `eval_every` epochs: codes of the query and database
+splits through the deployed function (`Method.encode`, Eq. 17 for DSaH), MAP, localisation where
+boxes exist, and `train_bits_flipped`, the share of B's bits (the training set's codes) that
+changed since the previous evaluation (the paper's Fig. 6 in one number). The options and why
+their defaults are what they are: `dsah_rt.train.options`.
 
 Loss scale: the objectives are sums over the N(N-1)/2 pairs of a batch, as the paper writes them,
 and the weights lambda/alpha are calibrated against those sums. The trainer divides each total by

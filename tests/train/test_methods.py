@@ -85,7 +85,7 @@ def test_precision_scopes_must_exist() -> None:
 def test_hash_no_ori_trains_the_hashing_network_on_saliency_images_only(tmp_path: Path) -> None:
     data = load_dataset("synthetic-fg", seed=0, num_classes=2, image_size=32, train_per_class=8, query_per_class=2)
     opts = TrainOptions(method="dsah", bits=8, input_size=32, batch_size=8, epochs=1, device="cpu",
-                        ablations=("hash-no-ori",))  # fmt: skip
+                        ablations=("hash-no-ori",), attention_wait=0.0)  # Algorithm 1 from the first epoch  # fmt: skip
     metrics = train(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
     assert set(metrics[0]["loss"]["hashing"]) == {"sem_sal", "reg_sal", "total"}
     with pytest.raises(UserError, match="hash-no-ori"):
@@ -98,10 +98,10 @@ def test_recipes_fill_only_the_options_left_open(mode: str) -> None:
     paper = TrainOptions(method="dsah", mode=mode, epochs=60, recipe="paper").resolved()
     staged = mode == "iterative"
     assert (measured.semantic_norm, measured.alpha, measured.area) == ("likelihood", 0.0, 300.0)
-    assert (measured.warmup_epochs, measured.warmup_liftoff, measured.refit_epochs) == (
-        (10, 0.0, 20) if staged else (0, 0.0, 0))  # fmt: skip
-    assert (paper.semantic_norm, paper.area, paper.warmup_epochs, paper.warmup_liftoff, paper.refit_epochs) == (
-        "abs", 0.0, 0, 0.0, 0)  # fmt: skip
+    assert (measured.warmup_epochs, measured.warmup_liftoff, measured.attention_wait, measured.refit_epochs) == (
+        (10, 0.0, 0.02, 20) if staged else (0, 0.0, 0.0, 0))  # fmt: skip
+    assert (paper.semantic_norm, paper.area, paper.warmup_epochs, paper.warmup_liftoff, paper.attention_wait,
+            paper.refit_epochs) == ("abs", 0.0, 0, 0.0, 0.0, 0)  # fmt: skip
     assert paper.alpha == (40.0 if staged else 0.01)
     assert (measured.fcn, paper.fcn) == ("8s", "16s") and TrainOptions(method="dsah", fcn="16s").resolved().fcn == "16s"
     given = TrainOptions(method="dsah", mode=mode, epochs=60, alpha=5.0, area=0.0, semantic_norm="square",
@@ -116,7 +116,8 @@ def test_recipes_fill_only_the_options_left_open(mode: str) -> None:
 
 def test_a_zero_alpha_drops_j_sal_and_hash_sal_asks_for_one(tmp_path: Path) -> None:
     data = load_dataset("synthetic-fg", seed=0, num_classes=2, image_size=32, train_per_class=8, query_per_class=2)
-    opts = TrainOptions(bits=8, input_size=32, batch_size=8, epochs=1, device="cpu", warmup_epochs=0, refit_epochs=0)
+    opts = TrainOptions(bits=8, input_size=32, batch_size=8, epochs=1, device="cpu", warmup_epochs=0, refit_epochs=0,
+                        attention_wait=0.0)
     metrics = train(opts, tmp_path, data=data, echo=lambda line: None, progress=io.StringIO())
     assert set(metrics[0]["loss"]["attention"]) == {"sem_sal", "reg_sal", "area", "total"}
     with pytest.raises(UserError, match="hash-sal weights J_sal by --alpha"):

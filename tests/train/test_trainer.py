@@ -287,6 +287,58 @@ def test_lift_off_is_measured_against_chance_and_resumes_alike(data, tmp_path: P
     assert _without_timing(resumed) == _without_timing(whole)
 
 
+def test_attention_waits_for_the_hashing_network_to_lift_off() -> None:
+    from dsah_rt.train.methods import build_model, get_method
+
+    method = get_method("dsah")
+
+    def schedule(identity: bool = False, **kw: Any):
+        model = build_model("dsah", "small", 8, weights=None, identity_map=identity)
+        opts = _opts(**{"warmup_epochs": 2, "attention_wait": 0.1, "refit_epochs": 2, "epochs": 10, **kw}).resolved()
+        return method.schedule(model, opts, method.phases(model, opts, lambda m: torch.optim.Adam(m.parameters())))
+
+    def entry(phase: str, ratio: float) -> dict[str, Any]:
+        return {"loss": {phase: {}}, "diagnostics": {phase: {"sem_vs_chance": ratio}}}
+
+    algorithm = {"loss": {"attention": {}, "hashing": {}}, "diagnostics": {"hashing": {"sem_vs_chance": 1.0}}}
+    pick = schedule()
+    warm = [entry("warmup", 1.0), entry("warmup", 0.95)]
+    assert _stage_names(pick(1, warm[:1])) == ["warmup"]  # the warm-up stays fixed
+    assert _stage_names(pick(2, warm)) == ["wait"]  # still within 10% of chance
+    assert _stage_names(pick(2, [warm[0], entry("warmup", 0.85)])) == ["attention", "hashing"]
+    assert _stage_names(pick(3, [*warm, entry("wait", 0.95)])) == ["wait"]
+    assert _stage_names(pick(3, [*warm, entry("wait", 0.85)])) == ["attention", "hashing"]
+    # once the attention has started it never waits again, even if the loss climbs back to chance
+    assert _stage_names(pick(4, [*warm, entry("wait", 0.85), algorithm])) == ["attention", "hashing"]
+    assert _stage_names(pick(8, [*warm] + [entry("wait", 1.0)] * 6)) == ["refit"]  # never into the refit
+    assert _stage_names(schedule(warmup_epochs=0)(0, [])) == ["wait"]  # no warm-up: nothing has lifted off yet
+    assert _stage_names(schedule(attention_wait=0.0)(2, warm)) == ["attention", "hashing"]
+    assert _stage_names(schedule(identity=True)(2, warm)) == ["hashing"]  # the control has nothing to hold
+    with pytest.raises(UserError, match="attention_wait must be in"):
+        _opts(attention_wait=1.0).resolved()
+    with pytest.raises(UserError, match="iterative mode only"):
+        _opts(attention_wait=0.02, mode="simultaneous").resolved()
+    with pytest.raises(UserError, match="saliency methods only"):
+        _opts(method="dpsh", attention_wait=0.02).resolved()
+
+
+def test_the_wait_is_the_identity_controls_hashing_pass(data, tmp_path: Path) -> None:
+    # A lift-off 99% below chance is out of reach: DSaH waits for the whole run, and must then train
+    # its hashing network exactly as the identity control (y = x) trains its own.
+    kw = {"warmup_epochs": 1, "refit_epochs": 0, "epochs": 3, "lr": 1e-3, "recipe": "measured"}
+    waited = _train(data, tmp_path / "wait", attention_wait=0.99, **kw)
+    control = _train(data, tmp_path / "identity", ablations=("attention-identity",), **kw)
+    assert [sorted(m["loss"]) for m in waited] == [["warmup"], ["wait"], ["wait"]]
+    assert [m["loss"] for m in waited[1:]] == [{"wait": m["loss"]["hashing"]} for m in control[1:]]
+    a, b = (load_checkpoint(tmp_path / run)["model"] for run in ("wait", "identity"))
+    hashing = [k for k in b if k.startswith("hashing.")]
+    assert hashing and all(torch.equal(a[k], b[k]) for k in hashing)
+    assert [m["diagnostics"]["wait"]["sem_vs_chance"] for m in waited[1:]] == pytest.approx(
+        [m["diagnostics"]["hashing"]["sem_vs_chance"] for m in control[1:]])
+    config = json.loads((tmp_path / "wait" / CONFIG).read_text())
+    assert config["training"]["attention_wait"] == 0.99
+
+
 def test_refit_trains_the_hashing_network_alone_on_saliency_images_last(data, tmp_path: Path) -> None:
     trainer = Trainer(_opts(refit_epochs=2, epochs=3), tmp_path, data=data, echo=lambda line: None,
                       progress=io.StringIO())  # fmt: skip

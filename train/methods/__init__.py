@@ -104,7 +104,7 @@ class Method:
 
         return {"semantic_norm": "square", "alpha": SIMULTANEOUS_ALPHA if opts.mode == "simultaneous" else ALPHA,
                 "eta": DPSH_ETA, "area": 0.0, "warmup_epochs": 0, "warmup_liftoff": 0.0, "refit_epochs": 0,
-                "fcn": "16s"}  # fmt: skip
+                "attention_wait": 0.0, "fcn": "16s"}  # fmt: skip
 
     def check(self, opts: TrainOptions) -> None:
         """Refuse option combinations the method cannot honour, with one line each."""

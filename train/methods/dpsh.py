@@ -26,10 +26,10 @@ class DPSHMethod(Method):
         return {**super().defaults(opts), **({} if opts.recipe == "paper" else {"eta": MEASURED_ETA})}
 
     def check(self, opts) -> None:
-        staged = opts.warmup_epochs or opts.warmup_liftoff or opts.refit_epochs
+        staged = opts.warmup_epochs or opts.warmup_liftoff or opts.refit_epochs or opts.attention_wait
         if opts.ablations or opts.mode != "iterative" or staged or opts.area or opts.fcn != "16s":
             raise UserError("DPSH has one network and one loss: --mode, --ablation, --warmup-epochs, --warmup-liftoff, "
-                            "--refit-epochs, --saliency-area and --fcn apply to the saliency methods only")  # fmt: skip
+                            "--attention-wait, --refit-epochs, --saliency-area and --fcn apply to the saliency methods only")  # fmt: skip
 
     def build(self, backbone: str, bits: int, weights: Any = "imagenet", **arch: Any) -> nn.Module:
         return build_dpsh(backbone, bits, weights, method=self.name)
