@@ -186,6 +186,8 @@ class Trainer:
         with _deterministic():
             while self.epoch < self.opts.epochs:
                 self._epoch()
+        for line in self.method.remarks(self.opts, self.metrics):
+            self.echo(line)
         return self.metrics
 
     def _epoch(self) -> None:

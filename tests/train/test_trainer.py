@@ -314,6 +314,10 @@ def test_attention_waits_for_the_hashing_network_to_lift_off() -> None:
     assert _stage_names(schedule(warmup_epochs=0)(0, [])) == ["wait"]  # no warm-up: nothing has lifted off yet
     assert _stage_names(schedule(attention_wait=0.0)(2, warm)) == ["attention", "hashing"]
     assert _stage_names(schedule(identity=True)(2, warm)) == ["hashing"]  # the control has nothing to hold
+    opts = _opts(attention_wait=0.1).resolved()
+    assert method.remarks(opts, [*warm, entry("wait", 0.85), algorithm]) == []  # the attention did train
+    assert method.remarks(opts, [*warm, entry("wait", 0.95), {"loss": {"refit": {}}}])[0].startswith(
+        "the attention network was never trained")
     with pytest.raises(UserError, match="attention_wait must be in"):
         _opts(attention_wait=1.0).resolved()
     with pytest.raises(UserError, match="iterative mode only"):
@@ -326,7 +330,10 @@ def test_the_wait_is_the_identity_controls_hashing_pass(data, tmp_path: Path) ->
     # A lift-off 99% below chance is out of reach: DSaH waits for the whole run, and must then train
     # its hashing network exactly as the identity control (y = x) trains its own.
     kw = {"warmup_epochs": 1, "refit_epochs": 0, "epochs": 3, "lr": 1e-3, "recipe": "measured"}
-    waited = _train(data, tmp_path / "wait", attention_wait=0.99, **kw)
+    lines: list[str] = []
+    waited = train(_opts(attention_wait=0.99, **kw), tmp_path / "wait", data=data, echo=lines.append,
+                   progress=io.StringIO())  # fmt: skip
+    assert lines[-1].startswith("the attention network was never trained: the hashing network had not lifted off")
     control = _train(data, tmp_path / "identity", ablations=("attention-identity",), **kw)
     assert [sorted(m["loss"]) for m in waited] == [["warmup"], ["wait"], ["wait"]]
     assert [m["loss"] for m in waited[1:]] == [{"wait": m["loss"]["hashing"]} for m in control[1:]]

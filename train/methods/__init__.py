@@ -130,6 +130,10 @@ class Method:
         every = Stage(phases, 0, opts.epochs)
         return lambda epoch, history: every
 
+    def remarks(self, opts: TrainOptions, metrics: list[dict]) -> list[str]:
+        """Lines for the user about a finished run that its MAP does not show."""
+        return []
+
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(u of the deployed code, the saliency map or None) for images in [0, 1]."""

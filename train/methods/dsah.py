@@ -201,6 +201,13 @@ class DSaHMethod(Method):
 
         return stage
 
+    def remarks(self, opts, metrics: list[dict]) -> list[str]:
+        waited = any("wait" in m["loss"] for m in metrics)
+        if not waited or any("attention" in m["loss"] for m in metrics):
+            return []
+        return [f"the attention network was never trained: the hashing network had not lifted off (--attention-wait "
+                f"{opts.attention_wait:g}) before the refit; train longer, or pass --attention-wait 0"]
+
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eq. 17: u = Hash(y), with the map computed once and returned for localisation."""
