@@ -205,8 +205,9 @@ class DSaHMethod(Method):
         waited = any("wait" in m["loss"] for m in metrics)
         if not waited or any("attention" in m["loss"] for m in metrics):
             return []
-        return [f"the attention network was never trained: the hashing network had not lifted off (--attention-wait "
-                f"{opts.attention_wait:g}) before the refit; train longer, or pass --attention-wait 0"]
+        return [f"the attention network was never trained: the hashing network had not lifted off (its semantic loss "
+                f"stayed within --attention-wait {opts.attention_wait:g} of chance) while it waited; train longer, or "
+                "pass --attention-wait 0"]
 
     @torch.no_grad()
     def encode(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
