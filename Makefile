@@ -7,7 +7,7 @@ STAMP := $(VENV)/.dsah-rt-installed
 # torch/torchvision versions that this machine kind serves from local disk (a newer one downloads GBs).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench kernels
 
 setup: $(STAMP)
 
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,train,dev,db,ray]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The ranking kernels compiled once into a shared library (dsah_rt/native.py); rebuilt only when
+# they change, and never fatal: without a C compiler Numba compiles them in each process instead.
+kernels:
+	-$(PY) -c "from dsah_rt import native; native.kernels()"
+
+demo: $(STAMP) kernels
 	$(VENV)/bin/dsah-rt demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) kernels
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

@@ -88,7 +88,7 @@ def _run(job: Job) -> dict[str, Any]:
     name, row, seed, bits, epochs, data_options, scratch, draw = job
     import torch
 
-    from dsah_rt.hamming import set_threads
+    from dsah_rt.native import set_threads
     from dsah_rt.train.data import load_dataset
     from dsah_rt.train.options import DEFAULT_LR, TrainOptions
     from dsah_rt.train.trainer import train

@@ -37,7 +37,7 @@ def oracle_split(split, grow: float):
 def headroom(seeds: list[int], epochs: int, bits: int, grow: float, data_options: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from dsah_rt.hamming import set_threads
+    from dsah_rt.native import set_threads
     from dsah_rt.train.data import RetrievalData, load_dataset
     from dsah_rt.train.options import TrainOptions
     from dsah_rt.train.trainer import train

@@ -28,7 +28,7 @@ import click
 import numba
 import numpy as np
 
-from dsah_rt import hamming
+from dsah_rt import native
 from dsah_rt.atomic import check_parent, write_json
 from dsah_rt.bench.backends import peak_rss_mb
 from dsah_rt.bench.timing import load, machine
@@ -117,7 +117,7 @@ def measure(name: str, folder: Path, bits: int, k: int, repeat: int, threads: in
     """One method in this (fresh) process: build, warm up, search `repeat` times; its own memory."""
     import faiss
 
-    hamming.set_threads(threads)
+    native.set_threads(threads)
     faiss.omp_set_num_threads(threads)
     build = methods(nflip)[name]
     queries = np.load(folder / "q.npy")

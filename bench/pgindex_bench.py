@@ -44,7 +44,7 @@ from typing import Any
 import click
 import numpy as np
 
-from dsah_rt import hamming
+from dsah_rt import native
 from dsah_rt.atomic import check_parent, write_json
 from dsah_rt.bench.timing import load as load_average
 from dsah_rt.bench.timing import machine, summarize
@@ -212,7 +212,7 @@ def main(n: int, bits: int, queries: int, k: int, ef_values: tuple[int, ...], cl
     ref_d, ref_i = ours.pop("distances"), ours.pop("indices")
     report: dict[str, Any] = {"n": n, "bits": bits, "queries": queries, "k": k, "clients": list(clients), "machine": machine(), "load_before": load_average()}
     report["binary_index_batch_s"] = ours["batch_s"]
-    report["binary_index"] = {"threads": hamming.set_threads(None), **ours}
+    report["binary_index"] = {"threads": native.set_threads(None), **ours}
     try:
         report["faiss"] = _faiss(db, q, k, ref_d, cores)
     except ImportError as exc:

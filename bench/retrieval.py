@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from dsah_rt import hamming
+from dsah_rt import hamming, native, ranking
 from dsah_rt.atomic import write_report
 from dsah_rt.bench import retrieval_data as rd
 from dsah_rt.bench.reference import numpy_map, numpy_tie_aware_map
@@ -37,6 +37,7 @@ from dsah_rt.bench.timing import machine
 from dsah_rt.codes import pack
 from dsah_rt.index import BinaryIndex
 from dsah_rt.metrics import evaluate
+from dsah_rt.popcount_numpy import words
 
 
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
@@ -73,7 +74,7 @@ def _popcount_rate(qw, dbw):
         q = qw[i, 0]
         acc = 0
         for j in range(dbw.shape[0]):
-            acc += hamming._popcount(q ^ dbw[j, 0])
+            acc += hamming._popcount(q ^ dbw[np.uint64(j), 0])  # unsigned: vectorised loads
         total += acc
     return total
 
@@ -120,15 +121,15 @@ def bench_map(nq: int, ndb: int, bits: int, classes: int, numpy_queries: int) ->
     """Ours on all queries; the NumPy codebase MAP on the first `numpy_queries` (it is O(N log N)
     per query and independent across queries, so its per-query time extrapolates exactly)."""
     q01, db01, ql, dl = labelled_codes(nq, ndb, bits, classes)
-    qw, dw = hamming.words(pack(q01)), hamming.words(pack(db01))
-    qlw, dlw = hamming.label_words(ql, dl)
+    qw, dw = words(pack(q01)), words(pack(db01))
+    qlw, dlw = ranking.label_words(ql, dl)
     grid = np.zeros(0, np.int64)
 
     def index_order():
-        return hamming.index_order(qw, dw, qlw, dlw, bits, 0, grid)[1]
+        return ranking.index_order(qw, dw, qlw, dlw, bits, 0, grid)[1]
 
     def tie_aware():
-        return hamming.tie_aware_ap(hamming.relevance_histograms(qw, dw, qlw, dlw, bits))[0]
+        return ranking.tie_aware_ap(hamming.relevance_histograms(qw, dw, qlw, dlw, bits))[0]
 
     t_ours, ap = best_of(index_order)
     t_tie, tie = best_of(tie_aware)
@@ -271,7 +272,7 @@ def run_matrix(quick: bool, threads: int, trained: Path | None, large: bool, log
         faiss.omp_set_num_threads(threads)
     except ImportError:
         faiss = None
-    threads = hamming.set_threads(threads)
+    threads = native.set_threads(threads)
     n = 100_000 if quick else 1_000_000
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -91,10 +91,10 @@ def resolve_model(model: str | None, run: str | None, bits: int | None, work: Pa
 
 def bench_retrieval(databases: list[int], queries: int, bits: int, threads: int) -> dict[str, Any]:
     """MAP@all against the NumPy codebase MAP and top-k against faiss-cpu, on generated codes."""
-    from dsah_rt import hamming
+    from dsah_rt import native
     from dsah_rt.bench.retrieval import bench_map, bench_topk
 
-    hamming.set_threads(threads)
+    native.set_threads(threads)
     # NumPy's MAP is O(N log N) per query and independent across queries: it is timed on a subset
     # of about 10 M pairs and scaled to all queries, like bench/retrieval.py.
     return {

@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsah_rt import hamming
+from dsah_rt import native, ranking
 from dsah_rt.bench.reference import numpy_map
 from dsah_rt.bench.retrieval import labelled_codes
 from dsah_rt.codes import pack
 from dsah_rt.index import BinaryIndex
+from dsah_rt.popcount_numpy import words
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +27,17 @@ def cifar_like():
 @pytest.mark.benchmark(group="map-48bit-1000x59000")
 def test_map_ours(benchmark, cifar_like):
     q01, db01, ql, dl = cifar_like
-    qw, dw = hamming.words(pack(q01)), hamming.words(pack(db01))
-    qlw, dlw = hamming.label_words(ql, dl)
+    qw, dw = words(pack(q01)), words(pack(db01))
+    qlw, dlw = ranking.label_words(ql, dl)
     grid = np.zeros(0, np.int64)
 
     def run():
-        return hamming.index_order(qw, dw, qlw, dlw, 48, 0, grid)[1].mean()
+        return ranking.index_order(qw, dw, qlw, dlw, 48, 0, grid)[1].mean()
 
     ours = benchmark(run)
     onehot = np.eye(10)
     ref = numpy_map(q01[:20] * 2.0 - 1, db01 * 2.0 - 1, onehot[ql[:20]], onehot[dl], kind="stable")
-    sub = hamming.index_order(qw[:20], dw, qlw[:20], dlw, 48, 0, grid)[1]
+    sub = ranking.index_order(qw[:20], dw, qlw[:20], dlw, 48, 0, grid)[1]
     assert abs(sub.mean() - ref) <= 1e-12 and 0 < ours <= 1
 
 
@@ -63,7 +64,7 @@ def test_topk_ours(benchmark, cifar_like):
 @pytest.mark.benchmark(group="topk-48bit-1000x59000-k100")
 def test_topk_faiss(benchmark, cifar_like):
     faiss = pytest.importorskip("faiss", reason="faiss-cpu is the anchor for search")
-    faiss.omp_set_num_threads(hamming.set_threads(None))
+    faiss.omp_set_num_threads(native.set_threads(None))
     findex = faiss.IndexBinaryFlat(48)
     findex.add(pack(cifar_like[1]))
     benchmark(findex.search, pack(cifar_like[0]), 100)

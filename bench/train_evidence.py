@@ -42,7 +42,7 @@ import torch
 
 from dsah_rt.atomic import atomic_write, write_json
 from dsah_rt.codes import binarize, pack
-from dsah_rt.hamming import set_threads
+from dsah_rt.native import set_threads
 from dsah_rt.train.data import RetrievalData, Split, load_dataset
 from dsah_rt.train.data.torch_dataset import TorchSplit
 from dsah_rt.train.evaluation import evaluate_keeping_threads

@@ -114,8 +114,8 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the precision-recall curve as PNG.")
 def eval_command(query_codes, db_codes, query_labels, db_labels, bits, topk, radius, threads, zeros_as, allow_mixed_models, json_out, plot) -> None:
     """MAP (index-order and tie-aware with bounds), precision/recall within a radius, P@k and PR curves."""
-    from dsah_rt.hamming import set_threads
     from dsah_rt.metrics import evaluate_files
+    from dsah_rt.native import set_threads
 
     check_outputs([json_out, plot], [query_codes, db_codes, query_labels, db_labels])
     set_threads(threads)
@@ -160,8 +160,8 @@ def search_command(db_codes, index_path, query_codes, query_images, model_path, 
     """
     if (query_codes is None) == (query_images is None):
         raise UserError("give exactly one of --query-codes and --query")
-    if threads is not None:  # else Numba is imported only if the search needs its kernels (cold start)
-        from dsah_rt.hamming import set_threads
+    if threads is not None:
+        from dsah_rt.native import set_threads
 
         set_threads(threads)
     if query_images is not None:

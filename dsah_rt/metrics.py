@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dsah_rt import hamming
+from dsah_rt import ranking
+from dsah_rt.popcount_numpy import words
 from dsah_rt.codes import check_same_model, read_codes, read_labels, to_packed
 from dsah_rt.errors import CodesError
 
@@ -71,7 +72,7 @@ def _label_words(qlab: np.ndarray, dblab: np.ndarray) -> Iterator[tuple[np.ndarr
     row over every id would be O(database x classes).
     """
     if qlab.ndim == 2:
-        yield np.arange(len(qlab)), *hamming.label_words(qlab, dblab)
+        yield np.arange(len(qlab)), *ranking.label_words(qlab, dblab)
         return
     qids, dbids = _common_ids(qlab, dblab)
     ids, slot = np.unique(qids, return_inverse=True)
@@ -145,14 +146,14 @@ def evaluate(
     grid = default_grid(len(dp), topk) if grid is None else np.unique(np.asarray(grid, np.int64))
 
     start = time.perf_counter()
-    qw, dw = hamming.words(qp), hamming.words(dp)
+    qw, dw = words(qp), words(dp)
     hist = np.empty((len(qp), k + 1, 2), np.int64)
     ap, found = np.empty(len(qp)), np.empty(len(qp), np.int64)
     at_grid = np.empty((len(qp), len(grid)), np.int64)
     for rows, qlw, dlw in _label_words(qlab, dblab):
         qw_rows = np.ascontiguousarray(qw[rows])
-        hist[rows], ap[rows], found[rows], at_grid[rows] = hamming.index_order(qw_rows, dw, qlw, dlw, k, topk or 0, grid)
-    tie_mean, tie_best, tie_worst = hamming.tie_aware_ap(hist)
+        hist[rows], ap[rows], found[rows], at_grid[rows] = ranking.index_order(qw_rows, dw, qlw, dlw, k, topk or 0, grid)
+    tie_mean, tie_best, tie_worst = ranking.tie_aware_ap(hist)
     seconds = time.perf_counter() - start
 
     relevant = hist[:, :, 1].sum(axis=1)

@@ -1,20 +1,20 @@
-"""Codes as uint64 words, and a NumPy top-k for searches too small to pay for Numba.
+"""Codes as uint64 words, and a NumPy top-k for searches too small to pay for loading the kernels.
 
-A fresh process pays ~0.3 s to import Numba and ~0.35 s to load the cached kernels before its first
-search (measured, issue 12); a search of a few queries against a few thousand codes takes
-microseconds. Below `TINY_WORK` word comparisons the exact index ranks with NumPy's own popcount
-(`np.bitwise_count`, NumPy >= 2.0) and a stable sort, so the same (distance, index) order comes
-back without Numba ever being imported.
+A fresh process opens the compiled kernels in a few milliseconds, but the first one after an install
+or a change of the kernels builds them (~20 s, see `native`); a search of a few queries against a
+few thousand codes takes microseconds. Below `TINY_WORK` word comparisons, in a process that has not
+loaded the kernels, the exact index ranks with NumPy's own popcount (`np.bitwise_count`, NumPy >= 2.0)
+and a stable sort: the same (distance, index) order, with nothing to load or build.
 """
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-# queries x database x words below which NumPy's whole (Q, N) distance matrix is cheaper than
-# Numba's start: 2^20 comparisons build an 8 MB matrix in ~5 ms.
+from dsah_rt import native
+
+# queries x database x words below which NumPy's whole (Q, N) distance matrix is used: 2^20
+# comparisons build an 8 MB matrix in ~5 ms.
 TINY_WORK = 1 << 20
 
 
@@ -30,12 +30,13 @@ def words(packed: np.ndarray) -> np.ndarray:
 
 
 def is_tiny(queries: int, database: int, nwords: int) -> bool:
-    """True when NumPy should rank: a small search in a process that has not loaded the kernels yet.
+    """True when NumPy should rank: a small search in a process that has not loaded the kernels yet
+    (whose library may still have to be built, see `native`).
 
-    Once they are loaded (a service, a second search) Numba wins at every size: measured 34 ms with
-    NumPy against ~1 ms for 40 queries x 20,000 codes.
+    Once they are loaded (a service, a second search) the kernels win at every size: measured 34 ms
+    with NumPy against ~1 ms for 40 queries x 20,000 codes.
     """
-    return queries * database * nwords <= TINY_WORK and "dsah_rt.hamming" not in sys.modules
+    return queries * database * nwords <= TINY_WORK and not native.loaded()
 
 
 def topk(query_words: np.ndarray, db_words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

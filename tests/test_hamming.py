@@ -1,4 +1,5 @@
-"""Numba kernels against brute force on hypothesis-generated codes with many ties."""
+"""The ranking kernels (compiled library and Numba's own) against brute force on hypothesis-generated
+codes with many ties."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as ref
-from dsah_rt import hamming
+from dsah_rt import hamming, native, ranking
 from dsah_rt.codes import pack
+from dsah_rt.popcount_numpy import words
 from dsah_rt.index import BinaryIndex
 
 
 def _words(x01: np.ndarray) -> np.ndarray:
-    return hamming.words(pack(x01))
+    return words(pack(x01))
 
 
 @given(code_sets())
@@ -30,7 +32,7 @@ def test_distance_histograms_match_brute_force(case):
 @given(code_sets())
 def test_relevance_histograms_split_counts_by_relevance(case):
     k, q01, db01, qlab, dblab = case
-    qlw, dlw = hamming.label_words(qlab, dblab)
+    qlw, dlw = ranking.label_words(qlab, dblab)
     hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
     for i in range(len(q01)):
@@ -47,6 +49,23 @@ def test_topk_is_stable_ranking_prefix(case, data):
     D, I = index.search(pack(q01), K)
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
     assert D.dtype == np.int32 and I.dtype == np.int64
+    # The compiled kernel itself, whichever route the index took for this small case.
+    D, I = ranking.topk(_words(q01), _words(db01), k, K)
+    ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
+
+
+@given(st.sampled_from([1, 63, 64, 65, 130, 192, 256, 257, 600]), st.data())
+def test_topk_at_every_word_count(bits, data):
+    # 1-4 words take their own compiled path and more take the generic one; a few prototypes make
+    # ties at every distance, and k up to the database size makes the candidate buffers compact.
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n = data.draw(st.integers(1, 3000))
+    protos = rng.integers(0, 2, (3, bits), dtype=np.uint8)
+    db01 = protos[rng.integers(0, 3, n)] ^ (rng.random((n, bits)) < 0.02).astype(np.uint8)
+    q01 = protos[rng.integers(0, 3, data.draw(st.integers(1, 9)))]
+    K = data.draw(st.integers(1, min(n, 300)))
+    D, I = ranking.topk(_words(q01), _words(db01), bits, K)
+    ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
 
 
 @pytest.mark.parametrize("bits", [48, 128, 200, 256])
@@ -60,10 +79,10 @@ def test_kernels_across_many_tiles(bits):
     q01, qlab = db01[:13] ^ (rng.random((13, bits)) < 0.05).astype(np.uint8), lab[:13]
     qw, dw = _words(q01), _words(db01)
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, lab)
-    D, I = hamming.small_topk(qw, dw, bits, 700)
+    D, I = ranking.topk(qw, dw, bits, 700)
     ref.assert_ranking_prefix(D, I, dist)
-    qlw, dlw = hamming.label_words(qlab, lab)
-    _, ap, _, _ = hamming.index_order(qw, dw, qlw, dlw, bits, 0, np.zeros(0, np.int64))
+    qlw, dlw = ranking.label_words(qlab, lab)
+    _, ap, _, _ = ranking.index_order(qw, dw, qlw, dlw, bits, 0, np.zeros(0, np.int64))
     for i in range(len(q01)):
         ref.assert_close(ap[i], ref.average_precision(rel[i][ref.ranking(dist[i])], None))
 
@@ -80,17 +99,16 @@ def test_full_ranking_equals_stable_sort_with_heavy_ties():
         np.testing.assert_array_equal(I[i], ref.ranking(dist[i]))
 
 
-@pytest.mark.parametrize("budget", [hamming.FUSED_BUFFER_BYTES, 0], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("budget", [ranking.FUSED_BUFFER_BYTES, 0], ids=["one-pass", "two-pass"])
 @given(case=code_sets(), topk=st.sampled_from([0, 1, 3, 10]))
 def test_index_order_ap_matches_loop(case, topk, budget):
     k, q01, db01, qlab, dblab = case
     qw, dw = _words(q01), _words(db01)
-    qlw, dlw = hamming.label_words(qlab, dblab)
+    qlw, dlw = ranking.label_words(qlab, dblab)
     grid = np.array([1, 2, 5, 7, 1000], np.int64)
-    hist, ap, found, at_grid = hamming.index_order(qw, dw, qlw, dlw, k, topk, grid, budget=budget)
+    hist, ap, found, at_grid = ranking.index_order(qw, dw, qlw, dlw, k, topk, grid, budget=budget)
     np.testing.assert_array_equal(hist, hamming.relevance_histograms(qw, dw, qlw, dlw, k))
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
-    assert hamming.most_relevant(qlw, dlw) == rel.sum(axis=1).max()
     for i in range(len(q01)):
         ranked = rel[i][ref.ranking(dist[i])]
         ref.assert_close(ap[i], ref.average_precision(ranked, topk or None))
@@ -100,9 +118,9 @@ def test_index_order_ap_matches_loop(case, topk, budget):
 
 def _tie_aware(case):
     k, q01, db01, qlab, dblab = case
-    qlw, dlw = hamming.label_words(qlab, dblab)
+    qlw, dlw = ranking.label_words(qlab, dblab)
     hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, k)
-    return (*hamming.tie_aware_ap(hist), ref.distances(q01, db01), ref.relevance(qlab, dblab))
+    return (*ranking.tie_aware_ap(hist), ref.distances(q01, db01), ref.relevance(qlab, dblab))
 
 
 @given(code_sets(max_db=7))
@@ -133,10 +151,10 @@ def test_tie_aware_ap_on_groups_of_thousands(bits):
     db01 = rng.integers(0, 2, (20_000, bits), dtype=np.uint8)
     q01 = rng.integers(0, 2, (6, bits), dtype=np.uint8)
     qlab, dblab = rng.integers(0, 3, 6), np.where(rng.random(20_000) < 0.97, rng.integers(0, 3, 20_000), 5)
-    qlw, dlw = hamming.label_words(qlab, dblab)
+    qlw, dlw = ranking.label_words(qlab, dblab)
     hist = hamming.relevance_histograms(_words(q01), _words(db01), qlw, dlw, bits)
     assert hist.sum(axis=2).max() > 1000 and hist[:, :, 1].max() > 100
-    mean, best, worst = hamming.tie_aware_ap(hist)
+    mean, best, worst = ranking.tie_aware_ap(hist)
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
     for i in range(len(q01)):
         ref.assert_close(mean[i], ref.tie_aware_formula(dist[i], rel[i]), 1e-12)
@@ -150,7 +168,7 @@ def test_multi_label_words_beyond_64_classes():
     rng = np.random.default_rng(0)
     qlab = (rng.random((5, 150)) < 0.01).astype(np.uint8)
     dblab = (rng.random((300, 150)) < 0.01).astype(np.uint8)
-    qlw, dlw = hamming.label_words(qlab, dblab)
+    qlw, dlw = ranking.label_words(qlab, dblab)
     assert qlw.shape[1] == 3
     q01 = rng.integers(0, 2, (5, 24), dtype=np.uint8)
     db01 = rng.integers(0, 2, (300, 24), dtype=np.uint8)
@@ -161,7 +179,7 @@ def test_multi_label_words_beyond_64_classes():
 def test_sparse_large_class_ids_are_compared_by_equality():
     qlab = np.array([10**9, 7, 3])
     dblab = np.array([7, 10**9, 10**9, 2])
-    qlw, dlw = hamming.label_words(qlab, dblab)
+    qlw, dlw = ranking.label_words(qlab, dblab)
     q01 = np.zeros((3, 8), np.uint8)
     hist = hamming.relevance_histograms(_words(q01), _words(np.zeros((4, 8), np.uint8)), qlw, dlw, 8)
     np.testing.assert_array_equal(hist[:, 0, 1], [2, 1, 0])
@@ -172,13 +190,13 @@ def test_results_do_not_depend_on_thread_count(threads):
     rng = np.random.default_rng(1)
     q01 = rng.integers(0, 2, (37, 48), dtype=np.uint8)
     db01 = rng.integers(0, 2, (3000, 48), dtype=np.uint8)
-    before = hamming.set_threads(None)
+    before = native.set_threads(None)
     try:
-        hamming.set_threads(threads)
+        native.set_threads(threads)
         index = BinaryIndex(48)
         index.add(pack(db01))
         D, I = index.search(pack(q01), 50)
     finally:
-        hamming.set_threads(before)
+        native.set_threads(before)
     dist = ref.distances(q01, db01)
     np.testing.assert_array_equal(I, np.stack([ref.ranking(r)[:50] for r in dist]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsah_rt import popcount_numpy
+from dsah_rt import popcount_numpy, ranking
 from dsah_rt.atomic import atomic_write
 from dsah_rt.codes import MAX_BITS, nbytes_for, to_packed
 from dsah_rt.errors import CodesError, SearchIndexError
@@ -80,7 +80,7 @@ class BinaryIndex:
 
     def rank_histograms(self, queries: np.ndarray) -> np.ndarray:
         """(Q, bits+1) int64: database codes at each Hamming distance from each query."""
-        from dsah_rt import hamming  # Numba, imported when a kernel first runs (cold start)
+        from dsah_rt import hamming  # Numba, imported when a kernel first runs
 
         return hamming.distance_histograms(self._query_words(queries), self._words, self.bits)
 
@@ -90,10 +90,10 @@ class BinaryIndex:
         qw = self._query_words(queries)
         if popcount_numpy.is_tiny(len(qw), self._n, qw.shape[1]):
             return popcount_numpy.topk(qw, self._words, k)
-        from dsah_rt import hamming
+        if k <= ranking.SMALL_K:
+            return ranking.topk(qw, self._words, self.bits, k)
+        from dsah_rt import hamming  # Numba, imported for the rare k > SMALL_K (a counting sort)
 
-        if k <= hamming.SMALL_K:
-            return hamming.small_topk(qw, self._words, self.bits, k)
         hist = hamming.distance_histograms(qw, self._words, self.bits)
         return hamming.topk_from_histograms(qw, self._words, hist, k)
 

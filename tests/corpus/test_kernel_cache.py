@@ -62,7 +62,7 @@ import numpy as np
 from dsah_rt import numba_cache
 numba_cache.OWN_PROCESS = sys.argv[1] == "cli"
 from dsah_rt import hamming
-hamming.small_topk(np.zeros((2, 1), np.uint64), np.zeros((9, 1), np.uint64), 64, 3)
+hamming.distance_histograms(np.zeros((2, 1), np.uint64), np.zeros((9, 1), np.uint64), 64)
 import numba.np.arraymath as arraymath
 print(arraymath._HAVE_BLAS, "scipy.linalg" in sys.modules)
 import scipy.linalg  # importable as ever afterwards

@@ -1,0 +1,110 @@
+"""The compiled kernels' library (`native`, `native_build`): built once, loaded without Numba, and the
+same results as Numba compiling the same entries in the process (the route taken where no library
+can be built)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from dsah_rt import native, ranking
+from dsah_rt.popcount_numpy import words
+
+# A fresh process that searches and evaluates: which kernels it ran and whether Numba was imported.
+FRESH = """
+import sys
+import numpy as np
+from dsah_rt import native, ranking
+rng = np.random.default_rng(0)
+q, d = rng.integers(0, 2**63, (70, 1), dtype=np.uint64), rng.integers(0, 2**63, (5000, 1), dtype=np.uint64)
+ranking.topk(q, d, 64, 10)
+ql, dl = ranking.label_words(rng.integers(0, 3, 70), rng.integers(0, 3, 5000))
+hist, *_ = ranking.index_order(q, d, ql, dl, 64, 0, np.array([1, 10]))
+ranking.tie_aware_ap(hist)
+print("numba" in sys.modules, type(native.kernels()["topk"]).__name__)
+"""
+
+
+def test_a_process_ranks_without_importing_numba() -> None:
+    native.kernels()  # builds the library if this checkout has none yet
+    res = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["False", "CFunctionType"] and res.stderr == ""
+
+
+def _random_case(rng: np.random.Generator, bits: int, nq: int, n: int, multi: bool):
+    protos = rng.integers(0, 2, (4, bits), dtype=np.uint8)
+    group = rng.integers(0, 4, n + nq)
+    codes = protos[group] ^ (rng.random((n + nq, bits)) < 0.05).astype(np.uint8)
+    labels = (rng.random((n + nq, 5)) < 0.3).astype(np.uint8) if multi else group % 3
+    qw, dw = words(np.packbits(codes[:nq], axis=1)), words(np.packbits(codes[nq:], axis=1))
+    return qw, dw, *ranking.label_words(labels[:nq], labels[nq:]), codes[:nq], codes[nq:], labels[:nq], labels[nq:]
+
+
+def _all_entries(qw, dw, qlw, dlw, bits, k):
+    D, I = ranking.topk(qw, dw, bits, k)
+    hist, ap, found, at_grid = ranking.index_order(qw, dw, qlw, dlw, bits, 0, np.array([1, 3, 50], np.int64))
+    return (D, I, hist, ap, found, at_grid, *ranking.tie_aware_ap(hist))
+
+
+@pytest.fixture(scope="module")
+def in_process_kernels():
+    from dsah_rt import native_build
+
+    return native_build.in_process()
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.sampled_from([7, 48, 64, 100, 192, 256, 320]), seed=st.integers(0, 2**32 - 1),
+       nq=st.integers(1, 40), n=st.integers(1, 2500), multi=st.booleans(), k=st.integers(1, 60))  # fmt: skip
+def test_library_and_in_process_numba_agree_with_the_reference(in_process_kernels, bits, seed, nq, n, multi, k):
+    qw, dw, qlw, dlw, q01, db01, qlab, dblab = _random_case(np.random.default_rng(seed), bits, nq, n, multi)
+    k = min(k, n)
+    library = _all_entries(qw, dw, qlw, dlw, bits, k)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "_loaded", in_process_kernels)
+        numba_own = _all_entries(qw, dw, qlw, dlw, bits, k)
+    for a, b in zip(library, numba_own):
+        np.testing.assert_array_equal(a, b)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    ref.assert_ranking_prefix(library[0], library[1], dist)
+    for i in range(nq):
+        ref.assert_close(library[3][i], ref.average_precision(rel[i][ref.ranking(dist[i])], None))
+
+
+def test_the_build_refuses_a_runtime_helper_it_would_have_to_stub(monkeypatch, capsys) -> None:
+    from dsah_rt import native_build
+
+    monkeypatch.setattr(native_build, "UNREACHED", native_build.UNREACHED - {"numba_do_raise"})
+    assert native_build.build_library() is None
+    assert "the kernels call Numba's numba_do_raise, which it does not carry" in capsys.readouterr().err
+
+
+def test_without_a_compiler_numba_compiles_the_entries_in_the_process(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(native, "library_folders", lambda: iter([tmp_path]))
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setattr(native, "_loaded", None)
+    kernels = native.kernels()
+    err = capsys.readouterr().err
+    assert "cannot build the kernels' library (/bin/false failed" in err and not list(tmp_path.iterdir())
+    assert all(type(fn).__name__ == "CFunctionType" for fn in kernels.values())
+    qw, dw = np.arange(40, dtype=np.uint64)[:, None], np.arange(300, dtype=np.uint64)[::-1, None].copy()
+    D, I = ranking.topk(qw, dw, 64, 5)
+    ref.assert_ranking_prefix(D, I, np.bitwise_count(qw ^ dw.T).astype(np.int64))
+
+
+def test_a_build_lands_whole_in_the_first_writable_folder(tmp_path: Path, monkeypatch) -> None:
+    from dsah_rt import native_build
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr(native, "library_folders", lambda: iter([blocked / "sub", tmp_path / "lib"]))
+    built = native_build.build_library()
+    assert built == native.library_path(tmp_path / "lib") and [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]
+    assert native.library_key() in built.name
