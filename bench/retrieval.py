@@ -287,8 +287,8 @@ def run_matrix(quick: bool, threads: int, trained: Path | None, large: bool, log
     numpy_queries = 10 if quick else 40
     with tempfile.TemporaryDirectory(prefix="dsah-rt-bench-") as tmp:
         folder = Path(tmp)
-        # Compiled kernels are cached on disk; the first use after an install (or an edit) compiles
-        # them (~10 s). Rows measure a user's later runs: a fresh process that loads the cache.
+        # The kernels are compiled once (`make setup`, or the first use after an install or an edit:
+        # ~20 s); rows measure a user's later runs, a fresh process that loads the compiled library.
         cli_map_row(rd.synthetic("uniform", "random", 20, 5000, 48), 48, 2, threads, folder)
         cli_map_row(rd.synthetic("uniform", "multi-random", 20, 5000, 48), 48, 2, threads, folder)
         cli_topk_row(*rd.synthetic("uniform", "random", 20, 60_000, 128)[:2], 128, 10, threads, folder, 1.0, None)

@@ -256,6 +256,13 @@ def _compact(bd, bi, count, hist, bound, k):
     return kept
 
 
+# Top-k for k >= SAMPLE_MIN_K starts each query's bound from every (k // SAMPLE_PER_K)-th row of the
+# database: about 64 sampled rows at the bound, so the bound is rarely too tight (then the block runs
+# again from a loose bound: the result is exact either way).
+SAMPLE_MIN_K = 256
+SAMPLE_PER_K = 32
+
+
 def _topk_kernel(nw: int):
     """`topk_block` for codes of nw words, nw in 1..4 a compile-time constant (0: any number of words).
 
@@ -350,22 +357,12 @@ def _topk_kernel(nw: int):
         state[0], state[1], state[2] = c, b, below
 
     @njit
-    def block(qw, dbw, flat, bits, k, q0, nb, dist, idx, ws):
+    def sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf):
+        # Every slot's candidates from one pass over the database, tile by tile.
         nq, nwords = qw.shape
         n = dbw.shape[0]
-        rows = max(64, TILE_WORDS // nwords)
-        cap = 2 * k + 16
-        slots = 4 * ((nb + 3) // 4)  # padded queries repeat the last one; their results are dropped
-        per_slot = 2 * cap + bits + 1 + 3  # candidates' distances and indices, histogram, state
-        need = slots * per_slot + nwords * rows + bits + 2 + 4 * 64
-        if ws.shape[0] < need:
-            return -need
-        ws[: slots * per_slot] = 0
-        for s in range(slots):
-            ws[s * per_slot + 2 * cap + bits + 2] = bits + 1  # the bound: d < bits + 1 accepts everything
-        columns = ws[slots * per_slot : slots * per_slot + nwords * rows].view(np.uint64)
-        slot = ws[slots * per_slot + nwords * rows : slots * per_slot + nwords * rows + bits + 2]
-        buf = ws[slots * per_slot + nwords * rows + bits + 2 : need]
+        rows = columns.shape[0] // nwords
+        cap = (per_slot - bits - 4) // 2
         for t0 in range(0, n, rows):
             m = min(n, t0 + rows) - t0
             if nw == 1:  # one word: the tile is its own single column
@@ -391,11 +388,69 @@ def _topk_kernel(nw: int):
                             take(qw[min(q0 + s + i, nq - 1)], cols, stride, c0, c1, t0, k, ws[o : o + cap],
                                  ws[o + cap : o + 2 * cap], ws[o + 2 * cap : o + 2 * cap + bits + 1],
                                  ws[states[i] : states[i] + 3], buf)  # fmt: skip
+
+    @njit
+    def reset(qw, dbw, bits, k, q0, slots, per_slot, ws):
+        # Empty candidate lists. The bound starts at bits + 1 (accepting everything), or, when
+        # k > 0, where every (k // SAMPLE_PER_K)-th row predicts 2k items: a pass that starts loose
+        # keeps about k (1 + ln(N / k)) candidates per query, one that starts tight about 2k.
+        nq = qw.shape[0]
+        n = dbw.shape[0]
+        cap = (per_slot - bits - 4) // 2
+        stride = k // SAMPLE_PER_K
+        for s in range(slots):
+            o = s * per_slot
+            ws_ = ws[o : o + per_slot]
+            ws_[:] = 0
+            b = bits + 1
+            if stride > 1:
+                hist = ws_[2 * cap : 2 * cap + bits + 1]  # the sample's histogram, emptied after
+                q = qw[min(q0 + s, nq - 1)]
+                for j in range(0, n, stride):
+                    hist[_distance(q, dbw, j, q.shape[0])] += 1
+                seen = 0
+                for t in range(bits + 1):
+                    seen += hist[t] * stride
+                    if seen >= 2 * k:
+                        b = t + 1
+                        break
+                hist[:] = 0
+            ws_[2 * cap + bits + 2] = b
+
+    @njit
+    def block(qw, dbw, flat, bits, k, q0, nb, dist, idx, ws):
+        nwords = qw.shape[1]
+        n = dbw.shape[0]
+        rows = max(64, TILE_WORDS // nwords)
+        cap = 2 * k + 16
+        slots = 4 * ((nb + 3) // 4)  # padded queries repeat the last one; their results are dropped
+        per_slot = 2 * cap + bits + 1 + 3  # candidates' distances and indices, histogram, state
+        need = slots * per_slot + nwords * rows + bits + 2 + 4 * 64
+        if ws.shape[0] < need:
+            return -need
+        columns = ws[slots * per_slot : slots * per_slot + nwords * rows].view(np.uint64)
+        slot = ws[slots * per_slot + nwords * rows : slots * per_slot + nwords * rows + bits + 2]
+        buf = ws[slots * per_slot + nwords * rows + bits + 2 : need]
+        sampled = k >= SAMPLE_MIN_K and n >= SAMPLE_PER_K * 64 * (k // SAMPLE_PER_K)
+        reset(qw, dbw, bits, k if sampled else 0, q0, slots, per_slot, ws)
+        sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
+        found = np.int64(k)
         for s in range(nb):
             o = s * per_slot
-            bd, bi, hist = ws[o : o + cap], ws[o + cap : o + 2 * cap], ws[o + 2 * cap : o + 2 * cap + bits + 1]
             state = ws[o + 2 * cap + bits + 1 : o + per_slot]
-            c = _compact(bd, bi, state[0], hist, state[1], k)
+            state[0] = _compact(ws[o : o + cap], ws[o + cap : o + 2 * cap], state[0], ws[o + 2 * cap : o + 2 * cap + bits + 1], state[1], k)
+            found = min(found, state[0])
+        if sampled and found < k:  # a bound from the sample was too tight for some query: again, loose
+            reset(qw, dbw, bits, 0, q0, slots, per_slot, ws)
+            sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
+            for s in range(nb):
+                o = s * per_slot
+                state = ws[o + 2 * cap + bits + 1 : o + per_slot]
+                state[0] = _compact(ws[o : o + cap], ws[o + cap : o + 2 * cap], state[0], ws[o + 2 * cap : o + 2 * cap + bits + 1], state[1], k)
+        for s in range(nb):
+            o = s * per_slot
+            bd, bi = ws[o : o + cap], ws[o + cap : o + 2 * cap]
+            c = ws[o + 2 * cap + bits + 1]
             # Counting sort of the k survivors by distance; stable, so ties stay in index order.
             slot[:] = 0
             for i in range(c):

@@ -119,7 +119,7 @@ def _first_found_here(row, qkeys, layout, j, r):
 def _verify(q, table, ids, lo, hi, qkeys, layout, j, r, k, radius, held, out, dist):
     """Table positions lo..hi-1 reached at step (r, j) into the heap or the range list; returns `held`.
 
-    As in dsah_rt.hamming's small top-k: a chunk's distances in branch-free loops, and the scalar path
+    As in dsah_rt.hamming's top-k block: a chunk's distances in branch-free loops, and the scalar path
     only for a chunk with a candidate within the current bound (the k-th best distance, or the
     radius); nearly every chunk has none once the heap is full.
     """

@@ -14,6 +14,7 @@ results. Either way, the kernels never allocate: each thread hands its block a s
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -64,6 +65,7 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@functools.cache
 def library_key() -> str:
     """What the compiled library depends on: the kernels' source, this CPU's features and Python."""
     digest = hashlib.sha256()
@@ -112,14 +114,21 @@ def loaded() -> bool:
 
 
 def _load() -> dict[str, Callable[..., int]]:
-    found = next((p for p in map(library_path, library_folders()) if p.is_file()), None)
-    if found is None:
-        from dsah_rt import native_build  # imports Numba: only the first process compiles
+    for path in map(library_path, library_folders()):
+        if path.is_file():
+            try:
+                return _open(path)
+            except OSError as exc:  # damaged, or not for this system: built again below
+                print(f"dsah-rt: cannot load {path} ({exc}); building it again", file=sys.stderr)
+                break
+    from dsah_rt import native_build  # imports Numba: only the first process compiles
 
-        found = native_build.build_library()
-        if found is None:
-            return native_build.in_process()
-    lib = ctypes.CDLL(str(found))
+    built = native_build.build_library()
+    return native_build.in_process() if built is None else _open(built)
+
+
+def _open(path: Path) -> dict[str, Callable[..., int]]:
+    lib = ctypes.CDLL(str(path))
     return {name: prototype(name)((f"dsah_rt_{name}", lib)) for name in ENTRIES}
 
 

@@ -136,6 +136,10 @@ def build_library() -> Path | None:
                 with suppress(OSError):
                     part.unlink(missing_ok=True)
                 continue
+            for stale in folder.glob("dsah_rt_kernels-*.so"):  # earlier kernels' libraries
+                if stale != target:
+                    with suppress(OSError):
+                        stale.unlink()  # a process that has one open keeps its mapping
             print(f"dsah-rt: compiled the kernels into {target}", file=sys.stderr)
             return target
     return _cannot("no writable folder for it")

@@ -108,3 +108,16 @@ def test_a_build_lands_whole_in_the_first_writable_folder(tmp_path: Path, monkey
     built = native_build.build_library()
     assert built == native.library_path(tmp_path / "lib") and [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]
     assert native.library_key() in built.name
+
+
+def test_a_damaged_library_is_built_again(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(native, "library_folders", lambda: iter([tmp_path]))
+    monkeypatch.setattr(native, "_loaded", None)
+    native.library_path(tmp_path).write_bytes(b"\\x7fELF truncated by a full disk")
+    kernels = native.kernels()
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "building it again" in err and "compiled the kernels into" in err
+    qw, dw = np.arange(40, dtype=np.uint64)[:, None], np.arange(300, dtype=np.uint64)[::-1, None].copy()
+    D, I = ranking.topk(qw, dw, 64, 5)
+    ref.assert_ranking_prefix(D, I, np.bitwise_count(qw ^ dw.T).astype(np.int64))
+    assert type(kernels["topk"]).__name__ == "CFunctionType" and native.library_path(tmp_path).stat().st_size > 10_000
