@@ -92,7 +92,7 @@ def library_folders() -> Iterator[Path]:
     yield Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsah-rt"
     import tempfile  # imported here: most processes find the library in the first folder
 
-    yield Path(tempfile.gettempdir()) / f"dsah-rt-{os.getuid()}"
+    yield Path(tempfile.gettempdir()) / f"dsah-rt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def library_path(folder: Path) -> Path:
