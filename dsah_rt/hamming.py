@@ -19,7 +19,6 @@ from numba.extending import intrinsic
 
 from dsah_rt import native
 from dsah_rt.numba_cache import kernel_cache, skip_blas_probe
-from dsah_rt.popcount_numpy import words  # noqa: F401 - the kernels' input layout, re-exported
 
 CACHE = kernel_cache(__file__)
 skip_blas_probe()
@@ -221,19 +220,6 @@ def range_from_histograms(qw, dbw, hist, radius):
     dist, idx = np.empty(lims[-1], np.int32), np.empty(lims[-1], np.int64)
     _place(qw, dbw, hist, np.full(nq, c, np.int64), np.ascontiguousarray(hist[:, c]), lims[:-1], dist, idx)
     return lims, dist, idx
-
-
-
-
-@njit(cache=CACHE)
-def _bound(hist, k):
-    """Smallest distance t with at least k items at distance <= t (len(hist) if there is none)."""
-    seen = 0
-    for t in range(hist.shape[0]):
-        seen += hist[t]
-        if seen >= k:
-            return t
-    return hist.shape[0]
 
 
 @njit(cache=CACHE)

@@ -66,9 +66,13 @@ def compile_entries(cache: bool) -> dict[str, object]:
     return {name: cfunc(signature(name), cache=cache)(_BODIES[name]) for name in native.ENTRIES}
 
 
+_compiled_here: list[dict[str, object]] = []  # the cfuncs behind in_process()'s pointers, kept alive
+
+
 def in_process() -> dict[str, Callable[..., int]]:
     """The entries compiled in this process by Numba, as ctypes functions (no library could be built)."""
-    return {name: native.prototype(name)(entry.address) for name, entry in compile_entries(kernel_cache(__file__)).items()}
+    _compiled_here.append(compile_entries(kernel_cache(__file__)))
+    return {name: native.prototype(name)(entry.address) for name, entry in _compiled_here[-1].items()}
 
 
 def _object(name: str, entry, machine: llvm.TargetMachine) -> tuple[bytes, set[str]]:
