@@ -38,11 +38,12 @@ def test_a_process_ranks_without_importing_numba() -> None:
     assert res.stdout.split() == ["False", "CFunctionType"] and res.stderr == ""
 
 
-def _random_case(rng: np.random.Generator, bits: int, nq: int, n: int, multi: bool):
+def _random_case(rng: np.random.Generator, bits: int, nq: int, n: int, multi: int):
+    # multi: 0 for class ids, else that many multi-hot labels (70: two label words)
     protos = rng.integers(0, 2, (4, bits), dtype=np.uint8)
     group = rng.integers(0, 4, n + nq)
     codes = protos[group] ^ (rng.random((n + nq, bits)) < 0.05).astype(np.uint8)
-    labels = (rng.random((n + nq, 5)) < 0.3).astype(np.uint8) if multi else group % 3
+    labels = (rng.random((n + nq, multi)) < 1.5 / multi).astype(np.uint8) if multi else group % 3
     qw, dw = words(np.packbits(codes[:nq], axis=1)), words(np.packbits(codes[nq:], axis=1))
     return qw, dw, *ranking.label_words(labels[:nq], labels[nq:]), codes[:nq], codes[nq:], labels[:nq], labels[nq:]
 
@@ -62,7 +63,7 @@ def in_process_kernels():
 
 @settings(max_examples=15, deadline=None)
 @given(bits=st.sampled_from([7, 48, 64, 100, 192, 256, 320]), seed=st.integers(0, 2**32 - 1),
-       nq=st.integers(1, 40), n=st.integers(1, 2500), multi=st.booleans(), k=st.integers(1, 60))  # fmt: skip
+       nq=st.integers(1, 40), n=st.integers(1, 2500), multi=st.sampled_from([0, 5, 70]), k=st.integers(1, 60))  # fmt: skip
 def test_library_and_in_process_numba_agree_with_the_reference(in_process_kernels, bits, seed, nq, n, multi, k):
     qw, dw, qlw, dlw, q01, db01, qlab, dblab = _random_case(np.random.default_rng(seed), bits, nq, n, multi)
     k = min(k, n)
