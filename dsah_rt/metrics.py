@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dsah_rt import ranking
-from dsah_rt.popcount_numpy import words
 from dsah_rt.codes import check_same_model, read_codes, read_labels, to_packed
 from dsah_rt.errors import CodesError
+from dsah_rt.popcount_numpy import words
 
 
 def default_grid(n: int, topk: int | None = None) -> np.ndarray:
