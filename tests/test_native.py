@@ -72,7 +72,10 @@ def test_library_and_in_process_numba_agree_with_the_reference(in_process_kernel
         m.setattr(native, "_loaded", in_process_kernels)
         numba_own = _all_entries(qw, dw, qlw, dlw, bits, k)
     for a, b in zip(library, numba_own):
-        np.testing.assert_array_equal(a, b)
+        if a.dtype.kind == "f":  # sums the compiler may reassociate differently at another vector width
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        else:
+            np.testing.assert_array_equal(a, b)
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
     ref.assert_ranking_prefix(library[0], library[1], dist)
     for i in range(nq):
