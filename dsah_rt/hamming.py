@@ -404,6 +404,18 @@ def _topk_kernel(nw: int):
             ws_[2 * cap + bits + 2] = b
 
     @njit
+    def compact_all(bits, k, nb, per_slot, ws):
+        # Each slot's candidates cut to its best k; returns the fewest any slot kept.
+        cap = (per_slot - bits - 4) // 2
+        fewest = np.int64(k)
+        for s in range(nb):
+            o = s * per_slot
+            state = ws[o + 2 * cap + bits + 1 : o + per_slot]
+            state[0] = _compact(ws[o : o + cap], ws[o + cap : o + 2 * cap], state[0], ws[o + 2 * cap : o + 2 * cap + bits + 1], state[1], k)
+            fewest = min(fewest, state[0])
+        return fewest
+
+    @njit
     def block(qw, dbw, flat, bits, k, q0, nb, dist, idx, ws):
         nwords = qw.shape[1]
         n = dbw.shape[0]
@@ -420,19 +432,11 @@ def _topk_kernel(nw: int):
         sampled = k >= SAMPLE_MIN_K and n >= SAMPLE_PER_K * 64 * (k // SAMPLE_PER_K)
         reset(qw, dbw, bits, k if sampled else 0, q0, slots, per_slot, ws)
         sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
-        found = np.int64(k)
-        for s in range(nb):
-            o = s * per_slot
-            state = ws[o + 2 * cap + bits + 1 : o + per_slot]
-            state[0] = _compact(ws[o : o + cap], ws[o + cap : o + 2 * cap], state[0], ws[o + 2 * cap : o + 2 * cap + bits + 1], state[1], k)
-            found = min(found, state[0])
-        if sampled and found < k:  # a bound from the sample was too tight for some query: again, loose
+        if compact_all(bits, k, nb, per_slot, ws) < k and sampled:
+            # a bound from the sample was too tight for some query: the block again, from a loose one
             reset(qw, dbw, bits, 0, q0, slots, per_slot, ws)
             sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
-            for s in range(nb):
-                o = s * per_slot
-                state = ws[o + 2 * cap + bits + 1 : o + per_slot]
-                state[0] = _compact(ws[o : o + cap], ws[o + cap : o + 2 * cap], state[0], ws[o + 2 * cap : o + 2 * cap + bits + 1], state[1], k)
+            compact_all(bits, k, nb, per_slot, ws)
         for s in range(nb):
             o = s * per_slot
             bd, bi = ws[o : o + cap], ws[o + cap : o + 2 * cap]
