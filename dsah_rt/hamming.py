@@ -14,6 +14,7 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
@@ -36,6 +37,17 @@ def _popcount(typingctx, x):  # noqa: ARG001 - numba intrinsic signature
 
     def codegen(context, builder, signature, args):  # noqa: ARG001
         return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def _lowest_bit(typingctx, x):  # noqa: ARG001 - numba intrinsic signature
+    """LLVM cttz: the index of the lowest set bit of a nonzero word (one `tzcnt`)."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return sig, codegen
 
@@ -315,19 +327,23 @@ def _topk_kernel(nw: int):
         return na, nb, nc, nd
 
     @njit
-    def take(q, columns, stride, c0, c1, t0, k, bd, bi, hist, state, buf):
-        # The rare path: this query has an item below its bound among rows c0..c1 of the tile.
-        # state: (candidates kept, bound, items kept below the bound); the last makes the bound move in O(1).
+    def take(qw, row, columns, stride, c0, c1, t0, k, ws, o, cap, bits, buf):
+        # The rare path: this query has an item below its bound among rows c0..c1 of the tile. Its
+        # slot starts at ws[o] (candidates' distances, their indices, histogram, state); state is
+        # (candidates kept, bound, items kept below the bound): the last moves the bound in O(1).
+        # Offsets, not slices, are passed: building five slices per call cost 1.2-1.5x at k = 1000.
+        q = qw[row]
+        bd, bi, hist = ws[o : o + cap], ws[o + cap : o + 2 * cap], ws[o + 2 * cap : o + 2 * cap + bits + 1]
+        state = ws[o + 2 * cap + bits + 1 : o + 2 * cap + bits + 4]
         c, b, below = state[0], state[1], state[2]
-        m = c1 - c0
-        for j in range(m):  # distances in a vectorised loop, the rows below the bound picked without
-            buf[j] = full_distance(q, columns, stride, c0 + j)  # branches, then the branchy part on them only
-        found = 0
-        for j in range(m):
-            buf[64 + found] = j
-            found += buf[j] < b
-        for e in range(found):
-            i = buf[64 + e]
+        mask = np.uint64(0)  # rows below the bound, found in a vectorised loop without branches
+        for j in range(c1 - c0):
+            d = full_distance(q, columns, stride, c0 + j)
+            buf[j] = d
+            mask |= np.uint64(d < b) << np.uint64(j)
+        while mask:  # then the branchy part on those rows only, lowest first (index order)
+            i = _lowest_bit(mask)
+            mask &= mask - np.uint64(1)
             d = buf[i]
             if d < b:
                 if c == bd.shape[0]:
@@ -370,38 +386,45 @@ def _topk_kernel(nw: int):
                                          ws[states[2] + 1], ws[states[3] + 1], buf)  # fmt: skip
                     for i in range(4):
                         if counts[i]:
-                            o = base + i * per_slot
-                            take(qw[min(q0 + s + i, nq - 1)], cols, stride, c0, c1, t0, k, ws[o : o + cap],
-                                 ws[o + cap : o + 2 * cap], ws[o + 2 * cap : o + 2 * cap + bits + 1],
-                                 ws[states[i] : states[i] + 3], buf)  # fmt: skip
+                            take(qw, min(q0 + s + i, nq - 1), cols, stride, c0, c1, t0, k, ws, base + i * per_slot, cap, bits, buf)
 
     @njit
-    def reset(qw, dbw, bits, k, q0, slots, per_slot, ws):
+    def reset(qw, dbw, bits, k, q0, slots, per_slot, ws, columns):
         # Empty candidate lists. The bound starts at bits + 1 (accepting everything), or, when
         # k > 0, where every (k // SAMPLE_PER_K)-th row predicts 2k items: a pass that starts loose
         # keeps about k (1 + ln(N / k)) candidates per query, one that starts tight about 2k.
-        nq = qw.shape[0]
+        # The sampled rows are gathered a tile at a time and read by every query of the block from
+        # there (read in place, a cache miss per row and query cost as much as the sample saved).
+        nq, nwords = qw.shape
         n = dbw.shape[0]
         cap = (per_slot - bits - 4) // 2
         stride = k // SAMPLE_PER_K
         for s in range(slots):
-            o = s * per_slot
-            ws_ = ws[o : o + per_slot]
-            ws_[:] = 0
-            b = bits + 1
-            if stride > 1:
-                hist = ws_[2 * cap : 2 * cap + bits + 1]  # the sample's histogram, emptied after
+            ws[s * per_slot : (s + 1) * per_slot] = 0
+            ws[s * per_slot + 2 * cap + bits + 2] = bits + 1
+        if stride <= 1:
+            return
+        rows = columns.shape[0] // nwords
+        total = (n + stride - 1) // stride
+        for t0 in range(0, total, rows):
+            m = min(total, t0 + rows) - t0
+            for j in range(m):
+                for w in range(nwords):
+                    columns[w * rows + j] = dbw[np.uint64((t0 + j) * stride), w]
+            for s in range(slots):
                 q = qw[min(q0 + s, nq - 1)]
-                for j in range(0, n, stride):
-                    hist[_distance(q, dbw, j, q.shape[0])] += 1
-                seen = 0
-                for t in range(bits + 1):
-                    seen += hist[t] * stride
-                    if seen >= 2 * k:
-                        b = t + 1
-                        break
-                hist[:] = 0
-            ws_[2 * cap + bits + 2] = b
+                o = s * per_slot + 2 * cap  # the sample's histogram, in the slot's own (emptied after)
+                for j in range(m):
+                    ws[o + full_distance(q, columns, rows, j)] += 1
+        for s in range(slots):
+            hist = ws[s * per_slot + 2 * cap : s * per_slot + 2 * cap + bits + 1]
+            seen = 0
+            for t in range(bits + 1):
+                seen += hist[t] * stride
+                if seen >= 2 * k:
+                    ws[s * per_slot + 2 * cap + bits + 2] = t + 1
+                    break
+            hist[:] = 0
 
     @njit
     def compact_all(bits, k, nb, per_slot, ws):
@@ -430,11 +453,11 @@ def _topk_kernel(nw: int):
         slot = ws[slots * per_slot + nwords * rows : slots * per_slot + nwords * rows + bits + 2]
         buf = ws[slots * per_slot + nwords * rows + bits + 2 : need]
         sampled = k >= SAMPLE_MIN_K and n >= SAMPLE_PER_K * 64 * (k // SAMPLE_PER_K)
-        reset(qw, dbw, bits, k if sampled else 0, q0, slots, per_slot, ws)
+        reset(qw, dbw, bits, k if sampled else 0, q0, slots, per_slot, ws, columns)
         sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
         if compact_all(bits, k, nb, per_slot, ws) < k and sampled:
             # a bound from the sample was too tight for some query: the block again, from a loose one
-            reset(qw, dbw, bits, 0, q0, slots, per_slot, ws)
+            reset(qw, dbw, bits, 0, q0, slots, per_slot, ws, columns)
             sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
             compact_all(bits, k, nb, per_slot, ws)
         for s in range(nb):
@@ -576,6 +599,7 @@ def index_order_ap(qw, dbw, qlab, dblab, hist, topk, grid):
 # for every four queries, codes and labels came from memory, not cache (measured 1.5x slower).
 _POSITION = 0xFFFFFFFF
 _DISTANCE_SHIFT = 40
+FINISH_CHUNK = 1024  # items ranked per chunk by `_ranked_finish`: 8 KiB, kept in L1
 
 
 @njit(cache=CACHE)
@@ -591,7 +615,7 @@ def ranked_block(qw, dbw, qlab, dblab, kmax, grid, q0, nb, hist, ap, found, at_g
     slots = 4 * ((nb + 3) // 4)  # padded queries repeat the block's last one; their results are dropped
     width = _most_relevant(qlab, q0, nb, dblab) + 1  # + 1: the last item's write, kept or not
     counters = slots * width
-    need = counters + slots * (nbins + 1) + 6 * nbins + 4 * 64
+    need = counters + slots * (nbins + 1) + 6 * nbins + FINISH_CHUNK + 4 * 64
     if ws.shape[0] < need:
         return -need
     # cnt row s, d: items at distance d so far (low 32 bits) and relevant ones among them (high 32 bits)
@@ -716,7 +740,7 @@ def _ranked_scan(qa, qb, qc, qd, la, lb, lc, ld, dbw, dblab, t0, t1, ba, bb, bc,
     kept[0], kept[1], kept[2], kept[3] = na, nb, nc, nd
 
 
-@njit(cache=CACHE, fastmath={"reassoc"})
+@njit(cache=CACHE, fastmath={"reassoc"}, error_model="numpy")
 def _ranked_finish(cnt, buf, q, kmax, grid, scratch, hist, ap, found, at_grid):
     # The histogram is complete: rank the buffered relevant items of query q.
     nbins = cnt.shape[0]
@@ -746,31 +770,35 @@ def _ranked_finish(cnt, buf, q, kmax, grid, scratch, hist, ap, found, at_grid):
         n_all += items
         n_rel += rel
     hits = 0
-    for e in range(buf.shape[0]):
-        v = buf[e]
-        d = v >> _DISTANCE_SHIFT
-        pos = before_all[d] + (v & _POSITION) + 1
-        if pos > watch[d]:  # the first relevant item past one or more cuts of its group
-            c = gi[d]
-            while c < ge[d] and min(grid[c], kmax) < pos:
-                at_grid[q, c] = before_rel[d] + seen[d]
-                c += 1
-            gi[d] = c
-            watch[d] = min(grid[c], kmax) if c < ge[d] else _NEVER
-        rank = before_rel[d] + seen[d] + 1  # buffered in database order: seen[d] relevant ones before it
-        seen[d] += 1
-        kept = pos <= kmax
-        hits += kept
-        # (rank, position) packed in place for the sum below; an item past K adds 0 / 1
-        buf[e] = (rank | (pos << 32)) if kept else np.int64(1) << 32
+    acc = 0.0
+    # Items a chunk at a time: (rank, position) packed into a chunk that stays in L1, then summed. The
+    # divisions in a loop of their own vectorise, with the sum reassociated (it changes the last bits
+    # of the AP, not its exactness against a reference to 1e-12) and NumPy's error model (Python's
+    # raises on a zero divisor: a branch per item that kept the loop scalar). Measured 1.07-1.15x.
+    chunk = scratch[6 * nbins :]
+    for e0 in range(0, buf.shape[0], chunk.shape[0]):
+        m = min(buf.shape[0], e0 + chunk.shape[0]) - e0
+        for e in range(m):
+            v = buf[e0 + e]
+            d = np.uint64(v >> _DISTANCE_SHIFT)  # unsigned: no negative-index fix-up on its six lookups
+            pos = before_all[d] + (v & _POSITION) + 1
+            if pos > watch[d]:  # the first relevant item past one or more cuts of its group
+                c = gi[d]
+                while c < ge[d] and min(grid[c], kmax) < pos:
+                    at_grid[q, c] = before_rel[d] + seen[d]
+                    c += 1
+                gi[d] = c
+                watch[d] = min(grid[c], kmax) if c < ge[d] else _NEVER
+            rank = before_rel[d] + seen[d] + 1  # buffered in database order: seen[d] relevant ones before it
+            seen[d] += 1
+            kept = pos <= kmax
+            hits += kept
+            chunk[e] = (rank | (pos << 32)) if kept else np.int64(1) << 32  # an item past K adds 0 / 1
+        for e in range(m):
+            acc += (chunk[e] & _POSITION) / (chunk[e] >> 32)
     for d in range(nbins):  # cuts no relevant item went past: every relevant item of the group is in
         for c in range(gi[d], ge[d]):
             at_grid[q, c] = before_rel[d] + seen[d]
-    # A loop of its own so the divisions vectorise; reassociating the sum lets them (it changes the
-    # last bits of the AP, not its exactness against a reference to 1e-12).
-    acc = 0.0
-    for e in range(buf.shape[0]):
-        acc += (buf[e] & _POSITION) / (buf[e] >> 32)
     ap[q] = acc / hits if hits else 0.0
     found[q] = hits
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from dsah_rt.hamming import _distance, _popcount
 from dsah_rt.mih_layout import BASE, BUCKET_BITS, FIRST, LENGTH, NO_LIMIT
@@ -28,7 +31,33 @@ _BINOM = np.array([[math.comb(s, r) for r in range(33)] for s in range(33)], np.
 # Work is counted in candidates (a sequential read of a row); a probe (random reads of offsets and
 # rows) weighs as PROBE_WEIGHT of them.
 PROBE_WEIGHT = 16
-CHUNK = 64  # candidates whose distances one branch-free loop computes
+CHUNK = 256  # candidates one branch-free loop counts against the bound (a bucket or more: 64 measured 5% slower)
+# Probes whose buckets are located together: their offsets are independent loads, so their cache
+# misses overlap, where one probe at a time waited for each; each bucket's first cache line is
+# requested as it is located, and while one bucket is verified, the first PREFETCH_LINES lines of
+# the next one's codes. Measured 1.4-1.8x (10M uniform 64-bit codes, 4 substrings, k = 10, 2
+# threads; 4 lines 1.2-1.3x, none 1.04x), and 1.06-1.08x more for the first line.
+PROBE_BATCH = 32
+PREFETCH_LINES = 16
+
+
+@intrinsic
+def _prefetch(typingctx, rows, i):  # noqa: ARG001 - numba intrinsic signature
+    """llvm.prefetch of row i of a 2-D array (read, all cache levels): no load waits for it."""
+    sig = types.void(rows, i)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], zero])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(inline="always")
@@ -116,7 +145,7 @@ def _first_found_here(row, qkeys, layout, j, r):
 
 
 @njit(inline="always")
-def _verify(q, table, ids, lo, hi, qkeys, layout, j, r, k, radius, held, out, dist):
+def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, out, dist):
     """Table positions lo..hi-1 reached at step (r, j) into the heap or the range list; returns `held`.
 
     As in dsah_rt.hamming's top-k block: a chunk's distances in branch-free loops, and the scalar path
@@ -127,13 +156,22 @@ def _verify(q, table, ids, lo, hi, qkeys, layout, j, r, k, radius, held, out, di
     for c0 in range(lo, hi, CHUNK):
         c1 = min(hi, c0 + CHUNK)
         bound = radius if k == 0 else (out[0] >> 32 if held == k else NO_LIMIT)
-        for p in range(c0, c1):
-            dist[p - c0] = _distance(q, table, p, nwords)
         close = 0
-        for i in range(c1 - c0):
-            close += dist[i] <= bound
-        if close == 0:
-            continue
+        if nwords == 1:  # one word: the codes as one contiguous column, counted in a loop that
+            w = q[0]  # vectorises; the distances are kept only for a chunk with a candidate
+            for i in range(c1 - c0):
+                close += _popcount(w ^ flat[np.uint64(c0 + i)]) <= bound
+            if close == 0:
+                continue
+            for i in range(c1 - c0):
+                dist[i] = _popcount(w ^ flat[np.uint64(c0 + i)])
+        else:
+            for p in range(c0, c1):
+                dist[p - c0] = _distance(q, table, p, nwords)
+            for i in range(c1 - c0):
+                close += dist[i] <= bound
+            if close == 0:
+                continue
         for p in range(c0, c1):
             d = dist[p - c0]
             entry = (d << 32) | np.int64(ids[p])
@@ -172,6 +210,7 @@ def _probe(q, rows, perm, low, offsets, layout, k, radius, budget, out):
         longest = max(longest, layout[j, LENGTH])
     held = 0
     work = 0
+    los, his = np.empty(PROBE_BATCH, np.int64), np.empty(PROBE_BATCH, np.int64)
     for r in range(longest + 1):
         for j in range(m):
             s = layout[j, LENGTH]
@@ -179,27 +218,38 @@ def _probe(q, rows, perm, low, offsets, layout, k, radius, budget, out):
                 shift = s - layout[j, BUCKET_BITS]
                 base = layout[j, BASE]
                 table = rows[j]
+                flat = table.reshape(-1)
+                line = max(1, 8 // table.shape[1])  # rows per 64-byte cache line
                 probes = _BINOM[s, r]
                 work += probes * PROBE_WEIGHT
                 if work > budget:
                     return -1
                 mask = (np.int64(1) << r) - 1  # the smallest s-bit mask with r bits set
-                for _ in range(probes):
-                    key = qkeys[j] ^ mask
-                    lo = offsets[base + (key >> shift)]
-                    hi = offsets[base + (key >> shift) + 1]
-                    if shift > 0:  # a shared bucket: narrow it to this key's low bits
-                        part = low[j, lo:hi]
-                        rest = key & ((np.int64(1) << shift) - 1)
-                        lo, hi = lo + np.searchsorted(part, rest), lo + np.searchsorted(part, rest, side="right")
-                    work += hi - lo
-                    if work > budget:
-                        return -1
-                    held = _verify(q, table, perm[j], lo, hi, qkeys, layout, j, r, k, radius, held, out, dist)
-                    if r > 0:  # Gosper's hack: the next larger mask with r bits set
-                        low_bit = mask & -mask
-                        ripple = mask + low_bit
-                        mask = (((ripple ^ mask) >> 2) // low_bit) | ripple
+                for p0 in range(0, probes, PROBE_BATCH):
+                    batch = min(probes, p0 + PROBE_BATCH) - p0
+                    for b in range(batch):
+                        key = qkeys[j] ^ mask
+                        lo = offsets[base + (key >> shift)]
+                        hi = offsets[base + (key >> shift) + 1]
+                        if shift > 0:  # a shared bucket: narrow it to this key's low bits
+                            part = low[j, lo:hi]
+                            rest = key & ((np.int64(1) << shift) - 1)
+                            lo, hi = lo + np.searchsorted(part, rest), lo + np.searchsorted(part, rest, side="right")
+                        los[b], his[b] = lo, hi
+                        if lo < hi:
+                            _prefetch(table, lo)
+                        if r > 0:  # Gosper's hack: the next larger mask with r bits set
+                            low_bit = mask & -mask
+                            ripple = mask + low_bit
+                            mask = (((ripple ^ mask) >> 2) // low_bit) | ripple
+                    for b in range(batch):
+                        if b + 1 < batch:  # the next bucket's codes start loading during this one
+                            for t in range(los[b + 1], min(his[b + 1], los[b + 1] + PREFETCH_LINES * line), line):
+                                _prefetch(table, t)
+                        work += his[b] - los[b]
+                        if work > budget:
+                            return -1
+                        held = _verify(q, table, flat, perm[j], los[b], his[b], qkeys, layout, j, r, k, radius, held, out, dist)
             # Exact from here (pigeonhole, see dsah_rt.index.mih): every item within m*r + j is found.
             reach = m * r + j
             if k > 0:
