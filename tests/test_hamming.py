@@ -87,6 +87,27 @@ def test_kernels_across_many_tiles(bits):
         ref.assert_close(ap[i], ref.average_precision(rel[i][ref.ranking(dist[i])], None))
 
 
+def test_index_order_ap_past_one_finish_chunk():
+    # Several chunks of `_ranked_finish` per query (about half the items relevant), with cut-offs
+    # at the chunks' edges and a top K that ends inside the second chunk.
+    rng = np.random.default_rng(5)
+    n = 5 * hamming.FINISH_CHUNK + 17
+    db01, q01 = rng.integers(0, 2, (n, 10), dtype=np.uint8), rng.integers(0, 2, (3, 10), dtype=np.uint8)
+    qlab, dblab = rng.integers(0, 2, 3), rng.integers(0, 2, n)
+    qlw, dlw = ranking.label_words(qlab, dblab)
+    chunk = hamming.FINISH_CHUNK
+    grid = np.array([1, chunk - 1, chunk, chunk + 1, 2 * chunk + 5, n], np.int64)
+    dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
+    for topk in (0, chunk + 3):
+        _, ap, found, at_grid = ranking.index_order(_words(q01), _words(db01), qlw, dlw, 10, topk, grid)
+        for i in range(len(q01)):
+            ranked = rel[i][ref.ranking(dist[i])]
+            assert ranked.sum() > 2 * chunk
+            ref.assert_close(ap[i], ref.average_precision(ranked, topk or None))
+            assert found[i] == ranked[: topk or None].sum()
+            np.testing.assert_array_equal(at_grid[i], [ranked[: min(g, topk or g)].sum() for g in grid])
+
+
 def test_full_ranking_equals_stable_sort_with_heavy_ties():
     rng = np.random.default_rng(3)
     db01 = rng.integers(0, 2, (5000, 12), dtype=np.uint8)  # 12 bits: every distance is shared

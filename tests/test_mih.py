@@ -133,6 +133,24 @@ def test_the_stop_waits_for_a_lower_index_tie_found_at_the_last_step(m):
     assert I.tolist() == [0, 1] and D.tolist() == [m - 1, m - 1]
 
 
+@pytest.mark.parametrize("bits", [64, 128])
+def test_buckets_longer_than_a_verified_chunk_keep_the_order(bits):
+    # Buckets several CHUNKs long (the first half of every code shared), whose items tie at a few
+    # distances; the heap fills in the middle of the first one, and the range search spans them all.
+    from dsah_rt.mih_kernels import CHUNK
+
+    rng = np.random.default_rng(11)
+    n = 7 * CHUNK
+    db01 = np.tile(rng.integers(0, 2, (1, bits), dtype=np.uint8), (n, 1))
+    db01[:, bits // 2 :] = rng.integers(0, 2, (4, bits - bits // 2), dtype=np.uint8)[rng.integers(0, 4, n)]
+    q01 = db01[rng.integers(0, n, 6)] ^ (rng.random((6, bits)) < 0.05).astype(np.uint8)
+    index = _mih(db01, bits, bits // 32)
+    for k in (1, CHUNK + 3, n):
+        D, I = index.search(pack(q01), k)
+        ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
+    _assert_range(index, q01, db01, bits // 4)
+
+
 @pytest.fixture
 def clustered():
     rng = np.random.default_rng(3)
