@@ -326,6 +326,14 @@ def _topk_kernel(nw: int):
             nd += buf[3 * m + j] < bd
         return na, nb, nc, nd
 
+    @njit(inline="always")
+    def gather(dbw, first, step, m, columns, rows):
+        # Rows first, first + step, ... (m of them) into `columns`, word-major (word w of row j at
+        # w * rows + j), for the vectorised distance loops.
+        for j in range(m):
+            for w in range(dbw.shape[1]):
+                columns[w * rows + j] = dbw[np.uint64(first + j * step), w]
+
     @njit
     def take(qw, row, columns, stride, c0, c1, t0, k, ws, o, cap, bits, buf):
         # The rare path: this query has an item below its bound among rows c0..c1 of the tile. Its
@@ -370,9 +378,7 @@ def _topk_kernel(nw: int):
             if nw == 1:  # one word: the tile is its own single column
                 cols, stride = flat[t0 : t0 + m], m
             else:  # transposed once per block, then swept by all of its queries
-                for j in range(m):
-                    for w in range(nwords):
-                        columns[w * rows + j] = dbw[np.uint64(t0 + j), w]
+                gather(dbw, t0, 1, m, columns, rows)
                 cols, stride = columns, rows
             for s in range(0, slots, 4):
                 qa, qb = qw[min(q0 + s, nq - 1)], qw[min(q0 + s + 1, nq - 1)]
@@ -408,9 +414,7 @@ def _topk_kernel(nw: int):
         total = (n + stride - 1) // stride
         for t0 in range(0, total, rows):
             m = min(total, t0 + rows) - t0
-            for j in range(m):
-                for w in range(nwords):
-                    columns[w * rows + j] = dbw[np.uint64((t0 + j) * stride), w]
+            gather(dbw, t0 * stride, stride, m, columns, rows)
             for s in range(slots):
                 q = qw[min(q0 + s, nq - 1)]
                 o = s * per_slot + 2 * cap  # the sample's histogram, in the slot's own (emptied after)
@@ -745,7 +749,7 @@ def _ranked_finish(cnt, buf, q, kmax, grid, scratch, hist, ap, found, at_grid):
     # The histogram is complete: rank the buffered relevant items of query q.
     nbins = cnt.shape[0]
     ngrid = grid.shape[0]
-    # next[d]: (position of the next item at distance d) | (rank of the next relevant one there) << 32,
+    # nxt[d]: (position of the next item at distance d) | (rank of the next relevant one there) << 32,
     # so an item's (position | rank << 32) is one lookup and one add, and the next relevant item's rank
     # one add to the same word (two tables and a count per distance: measured 1.10-1.13x slower on
     # code-correlated multi-hot labels, where a query has half the database to rank).
