@@ -271,6 +271,12 @@ def _topk_kernel(nw: int):
     reshaped: reshape calls a helper of Numba's runtime that the compiled library does not carry.
     """
 
+    # The sweep keeps every distance for the rare candidate path (`take`) only where recomputing them
+    # there costs more than the stores: measured through `dsah-rt search`, keeping them was 0.85-0.89x
+    # at 64 bits (k = 10, 1000), 0.92-0.98x at 128 bits for k <= 100 (1.06-1.17x at k = 1000), and
+    # 1.16x at 256 bits, k = 1000.
+    KEEP = nw == 0 or nw >= 3
+
     @njit(inline="always")
     def distance(q, columns, stride, j):
         # columns: the tile word-major, word w of row j at w * stride + j
@@ -288,43 +294,40 @@ def _topk_kernel(nw: int):
         return d
 
     @njit(inline="always")
-    def full_distance(q, columns, stride, j):
-        if nw > 0:
-            return distance(q, columns, stride, j)
-        d = 0
-        for w in range(q.shape[0]):
-            d += _popcount(q[w] ^ columns[w * stride + j])
-        return d
-
-    @njit(inline="always")
-    def count_below(qa, qb, qc, qd, columns, stride, c0, c1, ba, bb, bc, bd, buf):
-        # How many of rows c0..c1 of the tile lie below each of four queries' bounds, without branches.
-        na = nb = nc = nd = 0
-        if nw > 0:
-            for j in range(c0, c1):
-                na += distance(qa, columns, stride, j) < ba
-                nb += distance(qb, columns, stride, j) < bb
-                nc += distance(qc, columns, stride, j) < bc
-                nd += distance(qd, columns, stride, j) < bd
-            return na, nb, nc, nd
-        # Any number of words: distances summed word by word into buf (each pass a vectorised loop).
+    def distances4(qa, qb, qc, qd, columns, stride, c0, c1, buf, keep):
+        # The least distance of each of four queries to rows c0..c1 (at most 64) of the tile, and with
+        # `keep` all of them, query i's at buf[64 i + j]: every load of the tile serves four queries,
+        # and no branch is taken. A running minimum is one vector op per row and query where counting
+        # the rows below a bound took three (compare, mask to vector, subtract).
         m = c1 - c0
-        buf[: 4 * m] = 0
+        big = np.int64(1 << 30)
+        ma = mb = mc = md = big
+        if nw > 0:
+            for j in range(m):
+                da = distance(qa, columns, stride, c0 + j)
+                db = distance(qb, columns, stride, c0 + j)
+                dc = distance(qc, columns, stride, c0 + j)
+                dd = distance(qd, columns, stride, c0 + j)
+                if keep:
+                    buf[j], buf[64 + j], buf[128 + j], buf[192 + j] = da, db, dc, dd
+                ma, mb, mc, md = min(ma, da), min(mb, db), min(mc, dc), min(md, dd)
+            return ma, mb, mc, md
+        # Any number of words: summed word by word (each pass a vectorised loop; a loop over words
+        # inside the loop over rows stays scalar).
+        buf[:] = 0
         for w in range(qa.shape[0]):
             column = columns[w * stride + c0 : w * stride + c1]
             wa, wb, wc, wd = qa[w], qb[w], qc[w], qd[w]
             for j in range(m):
                 x = column[j]
                 buf[j] += _popcount(wa ^ x)
-                buf[m + j] += _popcount(wb ^ x)
-                buf[2 * m + j] += _popcount(wc ^ x)
-                buf[3 * m + j] += _popcount(wd ^ x)
+                buf[64 + j] += _popcount(wb ^ x)
+                buf[128 + j] += _popcount(wc ^ x)
+                buf[192 + j] += _popcount(wd ^ x)
         for j in range(m):
-            na += buf[j] < ba
-            nb += buf[m + j] < bb
-            nc += buf[2 * m + j] < bc
-            nd += buf[3 * m + j] < bd
-        return na, nb, nc, nd
+            ma, mb = min(ma, buf[j]), min(mb, buf[64 + j])
+            mc, md = min(mc, buf[128 + j]), min(md, buf[192 + j])
+        return ma, mb, mc, md
 
     @njit(inline="always")
     def gather(dbw, first, step, m, columns, rows):
@@ -335,24 +338,25 @@ def _topk_kernel(nw: int):
                 columns[w * rows + j] = dbw[np.uint64(first + j * step), w]
 
     @njit
-    def take(qw, row, columns, stride, c0, c1, t0, k, ws, o, cap, bits, buf):
-        # The rare path: this query has an item below its bound among rows c0..c1 of the tile. Its
+    def take(q, columns, stride, c0, c1, t0, buf, p, k, ws, o, cap, bits):
+        # The rare path: this query has an item below its bound among rows c0..c1 of the tile, whose
+        # distances are at buf[p:] where the sweep kept them (KEEP), or are computed again here. Its
         # slot starts at ws[o] (candidates' distances, their indices, histogram, state); state is
         # (candidates kept, bound, items kept below the bound): the last moves the bound in O(1).
         # Offsets, not slices, are passed: building five slices per call cost 1.2-1.5x at k = 1000.
-        q = qw[row]
         bd, bi, hist = ws[o : o + cap], ws[o + cap : o + 2 * cap], ws[o + 2 * cap : o + 2 * cap + bits + 1]
         state = ws[o + 2 * cap + bits + 1 : o + 2 * cap + bits + 4]
         c, b, below = state[0], state[1], state[2]
         mask = np.uint64(0)  # rows below the bound, found in a vectorised loop without branches
         for j in range(c1 - c0):
-            d = full_distance(q, columns, stride, c0 + j)
-            buf[j] = d
-            mask |= np.uint64(d < b) << np.uint64(j)
+            u = np.uint64(p + j)  # unsigned, as in `distance`, or the loop's loads become gathers
+            if not KEEP:
+                buf[u] = distance(q, columns, stride, c0 + j)
+            mask |= np.uint64(buf[u] < b) << np.uint64(j)
         while mask:  # then the branchy part on those rows only, lowest first (index order)
             i = _lowest_bit(mask)
             mask &= mask - np.uint64(1)
-            d = buf[i]
+            d = buf[p + i]
             if d < b:
                 if c == bd.shape[0]:
                     c = _compact(bd, bi, c, hist, b, k)
@@ -388,14 +392,14 @@ def _topk_kernel(nw: int):
                           base + 2 * per_slot + 2 * cap + bits + 1, base + 3 * per_slot + 2 * cap + bits + 1)  # fmt: skip
                 for c0 in range(0, m, 64):
                     c1 = min(m, c0 + 64)
-                    counts = count_below(qa, qb, qc, qd, cols, stride, c0, c1, ws[states[0] + 1], ws[states[1] + 1],
-                                         ws[states[2] + 1], ws[states[3] + 1], buf)  # fmt: skip
+                    least = distances4(qa, qb, qc, qd, cols, stride, c0, c1, buf, KEEP)
                     for i in range(4):
-                        if counts[i]:
-                            take(qw, min(q0 + s + i, nq - 1), cols, stride, c0, c1, t0, k, ws, base + i * per_slot, cap, bits, buf)
+                        if least[i] < ws[states[i] + 1]:
+                            q = qw[min(q0 + s + i, nq - 1)]
+                            take(q, cols, stride, c0, c1, t0, buf, 64 * i, k, ws, base + i * per_slot, cap, bits)
 
     @njit
-    def reset(qw, dbw, bits, k, q0, slots, per_slot, ws, columns):
+    def reset(qw, dbw, bits, k, q0, slots, per_slot, ws, columns, buf):
         # Empty candidate lists. The bound starts at bits + 1 (accepting everything), or, when
         # k > 0, where every (k // SAMPLE_PER_K)-th row predicts 2k items: a pass that starts loose
         # keeps about k (1 + ln(N / k)) candidates per query, one that starts tight about 2k.
@@ -415,11 +419,19 @@ def _topk_kernel(nw: int):
         for t0 in range(0, total, rows):
             m = min(total, t0 + rows) - t0
             gather(dbw, t0 * stride, stride, m, columns, rows)
-            for s in range(slots):
-                q = qw[min(q0 + s, nq - 1)]
-                o = s * per_slot + 2 * cap  # the sample's histogram, in the slot's own (emptied after)
-                for j in range(m):
-                    ws[o + full_distance(q, columns, rows, j)] += 1
+            for s in range(0, slots, 4):
+                qa, qb = qw[min(q0 + s, nq - 1)], qw[min(q0 + s + 1, nq - 1)]
+                qc, qd = qw[min(q0 + s + 2, nq - 1)], qw[min(q0 + s + 3, nq - 1)]
+                oa = s * per_slot + 2 * cap  # the sample's histograms, in the slots' own (emptied after)
+                ob, oc, od = oa + per_slot, oa + 2 * per_slot, oa + 3 * per_slot
+                for c0 in range(0, m, 64):
+                    c1 = min(m, c0 + 64)
+                    distances4(qa, qb, qc, qd, columns, rows, c0, c1, buf, True)
+                    for j in range(c1 - c0):  # four histograms in turn: four chains of increments, not one
+                        ws[oa + buf[j]] += 1
+                        ws[ob + buf[64 + j]] += 1
+                        ws[oc + buf[128 + j]] += 1
+                        ws[od + buf[192 + j]] += 1
         for s in range(slots):
             hist = ws[s * per_slot + 2 * cap : s * per_slot + 2 * cap + bits + 1]
             seen = 0
@@ -457,11 +469,11 @@ def _topk_kernel(nw: int):
         slot = ws[slots * per_slot + nwords * rows : slots * per_slot + nwords * rows + bits + 2]
         buf = ws[slots * per_slot + nwords * rows + bits + 2 : need]
         sampled = k >= SAMPLE_MIN_K and n >= SAMPLE_PER_K * 64 * (k // SAMPLE_PER_K)
-        reset(qw, dbw, bits, k if sampled else 0, q0, slots, per_slot, ws, columns)
+        reset(qw, dbw, bits, k if sampled else 0, q0, slots, per_slot, ws, columns, buf)
         sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
         if compact_all(bits, k, nb, per_slot, ws) < k and sampled:
             # a bound from the sample was too tight for some query: the block again, from a loose one
-            reset(qw, dbw, bits, 0, q0, slots, per_slot, ws, columns)
+            reset(qw, dbw, bits, 0, q0, slots, per_slot, ws, columns, buf)
             sweep(qw, dbw, flat, bits, k, q0, slots, per_slot, columns, ws, buf)
             compact_all(bits, k, nb, per_slot, ws)
         for s in range(nb):
@@ -494,9 +506,9 @@ def topk_block(qw, dbw, flat, bits, k, q0, nb, dist, idx, ws):
     Each query keeps a buffer of candidates in index order and a bound: once k items sit at distance
     <= bound, a later item needs d < bound to enter (an equal one loses the tie on index). The bound
     tightens fast, so nearly every chunk of 64 rows holds no candidate for any query: four queries
-    share each load of the chunk in a branch-free counting loop, and only a query with a candidate
-    in the chunk takes the scalar path. `flat` is the database as one row of words. Returns 0, or minus the words of int64 scratch `ws` it needs
-    when `ws` is smaller.
+    share each load of the chunk in a branch-free loop that finds the least distance of each, and
+    only a query whose least lies below its bound takes the scalar path. `flat` is the database as
+    one row of words. Returns 0, or minus the words of int64 scratch `ws` it needs when `ws` is smaller.
     """
     nw = qw.shape[1]
     if nw == 1:

@@ -224,18 +224,20 @@ def test_results_do_not_depend_on_thread_count(threads):
 
 
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_topk_bound_from_a_sample(adversarial):
+@pytest.mark.parametrize("bits", [64, 256, 320])
+def test_topk_bound_from_a_sample(adversarial, bits):
     # k >= SAMPLE_MIN_K starts from a bound read off every (k // 32)-th row. Adversarial: exactly
     # those rows equal the query, so the sample promises far more close items than exist and the
-    # block must run again from a loose bound.
-    rng = np.random.default_rng(7)
+    # block must run again from a loose bound. 1 and 4 words a code take their own compiled paths
+    # (at 4 the sweep keeps its distances for the candidate path), 5 the generic one.
+    rng = np.random.default_rng(bits)
     k, n = (4096, 64 * 4096) if adversarial else (300, 30_000)
-    protos = rng.integers(0, 2, (5, 64), dtype=np.uint8)
-    db01 = protos[rng.integers(0, 5, n)] ^ (rng.random((n, 64)) < 0.2).astype(np.uint8)
-    q01 = protos[:3] ^ (rng.random((3, 64)) < 0.05).astype(np.uint8)
+    protos = rng.integers(0, 2, (5, bits), dtype=np.uint8)
+    db01 = protos[rng.integers(0, 5, n)] ^ (rng.random((n, bits)) < 0.2).astype(np.uint8)
+    q01 = protos[rng.integers(0, 5, 5)] ^ (rng.random((5, bits)) < 0.05).astype(np.uint8)
     if adversarial:
         q01 = q01[:1]
         db01[:: k // 32] = q01[0]
     assert k >= hamming.SAMPLE_MIN_K
-    D, I = ranking.topk(_words(q01), _words(db01), 64, k)
+    D, I = ranking.topk(_words(q01), _words(db01), bits, k)
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
