@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -32,13 +32,15 @@ _BINOM = np.array([[math.comb(s, r) for r in range(33)] for s in range(33)], np.
 # rows) weighs as PROBE_WEIGHT of them.
 PROBE_WEIGHT = 16
 CHUNK = 256  # candidates one branch-free loop counts against the bound (a bucket or more: 64 measured 5% slower)
-# Probes whose buckets are located together: their offsets are independent loads, so their cache
-# misses overlap, where one probe at a time waited for each; each bucket's first cache line is
-# requested as it is located, and while one bucket is verified, the first PREFETCH_LINES lines of
-# the next one's codes. Measured 1.4-1.8x (10M uniform 64-bit codes, 4 substrings, k = 10, 2
-# threads; 4 lines 1.2-1.3x, none 1.04x), and 1.06-1.08x more for the first line.
-PROBE_BATCH = 32
-PREFETCH_LINES = 16
+# A bucket's first PREFETCH_LINES cache lines are requested PREFETCH_AHEAD pairs before it is verified
+# (10M uniform 64-bit codes, 4 tables, k = 10, 2 threads: 0.084-0.102 s for 1,000 queries with whole
+# buckets from 8-16 pairs ahead, 0.100-0.107 s with each bucket's first line alone).
+PREFETCH_AHEAD = 16
+PREFETCH_LINES = 32
+# Pairs (a query, a key to probe) one block groups at once (32 MB of scratch at most), and the bits
+# of a bucket id the grouping sorts by (its table of counts: 8 MB at most).
+MAX_PAIRS = 1 << 20
+COUNTING_BITS = 20
 
 
 @intrinsic
@@ -156,12 +158,12 @@ def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, o
     for c0 in range(lo, hi, CHUNK):
         c1 = min(hi, c0 + CHUNK)
         bound = radius if k == 0 else (out[0] >> 32 if held == k else NO_LIMIT)
-        close = 0
-        if nwords == 1:  # one word: the codes as one contiguous column, counted in a loop that
-            w = q[0]  # vectorises; the distances are kept only for a chunk with a candidate
+        least = NO_LIMIT  # the chunk's least distance: a running minimum, one vector op per code
+        if nwords == 1:  # one word: the codes as one contiguous column, in a loop that vectorises;
+            w = q[0]  # the distances are kept only for a chunk with a candidate
             for i in range(c1 - c0):
-                close += _popcount(w ^ flat[np.uint64(c0 + i)]) <= bound
-            if close == 0:
+                least = min(least, _popcount(w ^ flat[np.uint64(c0 + i)]))
+            if least > bound:
                 continue
             for i in range(c1 - c0):
                 dist[i] = _popcount(w ^ flat[np.uint64(c0 + i)])
@@ -169,8 +171,8 @@ def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, o
             for p in range(c0, c1):
                 dist[p - c0] = _distance(q, table, p, nwords)
             for i in range(c1 - c0):
-                close += dist[i] <= bound
-            if close == 0:
+                least = min(least, dist[i])
+            if least > bound:
                 continue
         for p in range(c0, c1):
             d = dist[p - c0]
@@ -191,118 +193,179 @@ def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, o
     return held
 
 
-@njit(cache=CACHE)
-def _probe(q, rows, perm, low, offsets, layout, k, radius, budget, out):
-    """Steps (r, j) = (0, 0), (0, 1), .., (0, m-1), (1, 0), ..: every key of table j within r bits of
-    the query's; each item reached for the first time is verified by its full distance.
+@njit(inline="always")
+def _next_mask(mask):
+    # Gosper's hack: the next larger integer with as many bits set.
+    low_bit = mask & -mask
+    ripple = mask + low_bit
+    return (((ripple ^ mask) >> 2) // low_bit) | ripple
 
-    Top-k (k > 0): out is a max-heap of k keys (distance << 32 | id); returns k. Range (k == 0): every
-    item within `radius` is written to out when out has room (out may be empty, to count); returns the
-    count. Returns -1 as soon as the work (candidates, and probes by PROBE_WEIGHT) passes `budget`;
-    a step's probes count before it starts, so a step that alone would pass it is never begun.
+
+@njit(cache=CACHE)
+def _group_by_bucket(keys, who, n, shift, bucket_bits, counting_bits, skeys, swho):
+    """Pairs (keys[i], who[i]), i < n, into skeys/swho in the order of their buckets keys[i] >> shift,
+    by a stable counting sort; bucket ids wider than `counting_bits` are sorted by their top bits (the
+    order only decides which reads share the cache, never a result)."""
+    drop = shift + max(0, bucket_bits - counting_bits)
+    digits = 1 << min(bucket_bits, counting_bits)
+    counts = np.zeros(digits + 1, np.int64)
+    for i in range(n):
+        counts[(keys[i] >> drop) + 1] += 1
+    for c in range(digits):
+        counts[c + 1] += counts[c]
+    for i in range(n):
+        c = keys[i] >> drop
+        skeys[counts[c]], swho[counts[c]] = keys[i], who[i]
+        counts[c] += 1
+
+
+@njit(cache=CACHE)
+def _probe_block(qw, which, lims, rows, perm, low, offsets, layout, k, radius, budget, out, held, max_pairs, counting_bits):
+    """Steps (r, j) = (0, 0), (0, 1), .., (0, m-1), (1, 0), .. for queries which[0..]: every key of
+    table j within r bits of a query's; each item reached for the first time is verified by its full
+    distance. The block takes each step together: its (bucket, query) pairs are grouped by bucket, so
+    a bucket's codes are read from memory once for every query of the block that probes it (1,000
+    queries of 64 bits into 10M codes, 4 tables of 16 bits: ~10 queries a bucket at radius 3).
+
+    Query which[b]'s output is out[lims[which[b]]:lims[which[b] + 1]]. Top-k (k > 0): a max-heap of k
+    keys (distance << 32 | id); held[b] = k. Range (k == 0): every item within `radius`, written when
+    the slice has room (it may be empty, to count); held[b] = the count. held[b] = -1 once the query's
+    work (candidates, and probes by PROBE_WEIGHT) passes `budget`; a step's probes count before it
+    starts, so a step that alone would pass it is never begun.
     """
-    m = layout.shape[0]
-    qkeys = np.empty(m, np.int64)
-    dist = np.empty(CHUNK, np.int64)
+    m, nb = layout.shape[0], which.shape[0]
+    qkeys = np.empty((nb, m), np.int64)
     longest = 0
     for j in range(m):
-        qkeys[j] = _key(q, layout[j, FIRST], layout[j, LENGTH])
         longest = max(longest, layout[j, LENGTH])
-    held = 0
-    work = 0
-    los, his = np.empty(PROBE_BATCH, np.int64), np.empty(PROBE_BATCH, np.int64)
+        for b in range(nb):
+            qkeys[b, j] = _key(qw[which[b]], layout[j, FIRST], layout[j, LENGTH])
+    held[:] = 0
+    work = np.zeros(nb, np.int64)
+    active = np.ones(nb, np.bool_)
+    left = nb
+    dist = np.empty(CHUNK, np.int64)
+    live = np.empty(nb, np.int64)
     for r in range(longest + 1):
         for j in range(m):
             s = layout[j, LENGTH]
-            if r <= s:
-                shift = s - layout[j, BUCKET_BITS]
-                base = layout[j, BASE]
-                table = rows[j]
-                flat = table.reshape(-1)
-                line = max(1, 8 // table.shape[1])  # rows per 64-byte cache line
-                probes = _BINOM[s, r]
-                work += probes * PROBE_WEIGHT
-                if work > budget:
-                    return -1
-                mask = (np.int64(1) << r) - 1  # the smallest s-bit mask with r bits set
-                for p0 in range(0, probes, PROBE_BATCH):
-                    batch = min(probes, p0 + PROBE_BATCH) - p0
-                    for b in range(batch):
-                        key = qkeys[j] ^ mask
-                        lo = offsets[base + (key >> shift)]
-                        hi = offsets[base + (key >> shift) + 1]
-                        if shift > 0:  # a shared bucket: narrow it to this key's low bits
-                            part = low[j, lo:hi]
-                            rest = key & ((np.int64(1) << shift) - 1)
-                            lo, hi = lo + np.searchsorted(part, rest), lo + np.searchsorted(part, rest, side="right")
-                        los[b], his[b] = lo, hi
-                        if lo < hi:
-                            _prefetch(table, lo)
-                        if r > 0:  # Gosper's hack: the next larger mask with r bits set
-                            low_bit = mask & -mask
-                            ripple = mask + low_bit
-                            mask = (((ripple ^ mask) >> 2) // low_bit) | ripple
-                    for b in range(batch):
-                        if b + 1 < batch:  # the next bucket's codes start loading during this one
-                            for t in range(los[b + 1], min(his[b + 1], los[b + 1] + PREFETCH_LINES * line), line):
-                                _prefetch(table, t)
-                        work += his[b] - los[b]
-                        if work > budget:
-                            return -1
-                        held = _verify(q, table, flat, perm[j], los[b], his[b], qkeys, layout, j, r, k, radius, held, out, dist)
+            if r > s:
+                continue
+            shift = s - layout[j, BUCKET_BITS]
+            base = layout[j, BASE]
+            table = rows[j]
+            flat = table.reshape(-1)
+            line = max(1, 8 // table.shape[1])  # rows per 64-byte cache line
+            probes = _BINOM[s, r]
+            nlive = 0
+            for b in range(nb):
+                if active[b]:
+                    work[b] += probes * PROBE_WEIGHT
+                    if work[b] > budget:
+                        active[b], held[b] = False, -1
+                        left -= 1
+                    else:
+                        live[nlive] = b
+                        nlive += 1
+            # The step's masks in windows of at most max_pairs pairs (memory stays bounded at any radius).
+            window = max(1, max_pairs // max(1, nlive))
+            size = nlive * min(probes, window)
+            keys, who = np.empty(size, np.int64), np.empty(size, np.int64)
+            skeys, swho = np.empty(size, np.int64), np.empty(size, np.int64)
+            masks = np.empty(min(probes, window), np.int64)  # the window's masks, shared by its queries
+            mask = (np.int64(1) << r) - 1  # the smallest s-bit mask with r bits set
+            for w0 in range(0, probes if nlive > 0 else 0, window):
+                nm = min(probes, w0 + window) - w0
+                for i in range(nm):
+                    masks[i] = mask
+                    if r > 0:
+                        mask = _next_mask(mask)
+                n = 0
+                for t in range(nlive):
+                    for i in range(nm):
+                        keys[n], who[n] = qkeys[live[t], j] ^ masks[i], live[t]
+                        n += 1
+                _group_by_bucket(keys, who, n, shift, layout[j, BUCKET_BITS], counting_bits, skeys, swho)
+                for t in range(n):
+                    ahead = t + PREFETCH_AHEAD
+                    if ahead < n and skeys[ahead] != skeys[ahead - 1]:  # a later pair's bucket starts loading now
+                        c0, c1 = offsets[base + (skeys[ahead] >> shift)], offsets[base + (skeys[ahead] >> shift) + 1]
+                        for row in range(c0, min(c1, c0 + PREFETCH_LINES * line), line):
+                            _prefetch(table, row)
+                    b = swho[t]
+                    if not active[b]:
+                        continue
+                    lo, hi = offsets[base + (skeys[t] >> shift)], offsets[base + (skeys[t] >> shift) + 1]
+                    if shift > 0:  # a shared bucket: narrow it to this key's low bits
+                        part = low[j, lo:hi]
+                        rest = skeys[t] & ((np.int64(1) << shift) - 1)
+                        lo, hi = lo + np.searchsorted(part, rest), lo + np.searchsorted(part, rest, side="right")
+                    work[b] += hi - lo
+                    if work[b] > budget:
+                        active[b], held[b] = False, -1
+                        left -= 1
+                        continue
+                    q = which[b]
+                    held[b] = _verify(qw[q], table, flat, perm[j], lo, hi, qkeys[b], layout, j, r, k, radius, held[b],
+                                      out[lims[q] : lims[q + 1]], dist)  # fmt: skip
             # Exact from here (pigeonhole, see dsah_rt.index.mih): every item within m*r + j is found.
             reach = m * r + j
-            if k > 0:
-                if held == k and (out[0] >> 32) <= reach:
-                    return held
-            elif reach >= radius:
-                return held
-    return held
+            for t in range(nlive):
+                b = live[t]
+                if active[b] and (reach >= radius if k == 0 else held[b] == k and (out[lims[which[b]]] >> 32) <= reach):
+                    active[b] = False
+                    left -= 1
+            if left == 0:
+                return
 
 
-# Each parallel kernel hands one query to a serial function, as in dsah_rt.hamming: the parfor pass
+# Each parallel kernel hands a block of queries (one per thread: the more queries a block holds, the
+# more of them share each bucket read) to a serial function, as in dsah_rt.hamming: the parfor pass
 # then has nothing to transform inside the loop body.
 
 
-@njit(cache=CACHE)
-def _topk_one(q, rows, perm, low, offsets, layout, budget, out):
-    if _probe(q, rows, perm, low, offsets, layout, out.shape[0], -1, budget, out) < 0:
-        return False
-    out[:] = np.sort(out)
-    return True
+@njit(parallel=True, cache=CACHE)
+def _blocks(qw, which, lims, rows, perm, low, offsets, layout, k, radius, budget, out, nblocks, max_pairs, counting_bits):
+    held = np.empty(which.shape[0], np.int64)
+    for t in prange(nblocks):
+        lo, hi = t * which.shape[0] // nblocks, (t + 1) * which.shape[0] // nblocks
+        _probe_block(qw, which[lo:hi], lims, rows, perm, low, offsets, layout, k, radius, budget, out, held[lo:hi],
+                     max_pairs, counting_bits)  # fmt: skip
+    return held
 
 
 @njit(parallel=True, cache=CACHE)
-def topk(qw, rows, perm, low, offsets, layout, k, budget):
-    """(Q, k) keys (distance << 32 | id) in ascending order, and whether each query stayed in budget
-    (the rows of those that did not are undefined)."""
-    nq = qw.shape[0]
-    out = np.empty((nq, k), np.int64)
-    ok = np.empty(nq, np.bool_)
-    for i in prange(nq):
-        ok[i] = _topk_one(qw[i], rows, perm, low, offsets, layout, budget, out[i])
-    return out, ok
-
-
-@njit(parallel=True, cache=CACHE)
-def range_counts(qw, rows, perm, low, offsets, layout, radius, budget):
-    """Items within `radius` of each query, or -1 where the query passed its budget."""
-    nq = qw.shape[0]
-    counts = np.empty(nq, np.int64)
-    for i in prange(nq):
-        counts[i] = _probe(qw[i], rows, perm, low, offsets, layout, 0, radius, budget, np.empty(0, np.int64))
-    return counts
-
-
-@njit(cache=CACHE)
-def _range_one(q, rows, perm, low, offsets, layout, radius, out):
-    _probe(q, rows, perm, low, offsets, layout, 0, radius, NO_LIMIT, out)
-    out[:] = np.sort(out)
-
-
-@njit(parallel=True, cache=CACHE)
-def range_fill(qw, rows, perm, low, offsets, layout, radius, which, lims, out):
-    """Query which[t]'s items, as sorted keys, into out[lims[q]:lims[q + 1]] (sized by range_counts)."""
+def _sort_slices(out, lims, which):
     for t in prange(which.shape[0]):
         q = which[t]
-        _range_one(qw[q], rows, perm, low, offsets, layout, radius, out[lims[q] : lims[q + 1]])
+        out[lims[q] : lims[q + 1]] = np.sort(out[lims[q] : lims[q + 1]])
+
+
+def _split(nq: int) -> tuple[int, int, int]:
+    # Blocks (one per thread), and the scratch limits read here, not frozen into the compiled kernels.
+    return max(1, min(nq, get_num_threads())), MAX_PAIRS, COUNTING_BITS
+
+
+def topk(qw: np.ndarray, rows, perm, low, offsets, layout, k: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) keys (distance << 32 | id) in ascending order, and whether each query stayed in budget
+    (the rows of those that did not are undefined)."""
+    nq = len(qw)
+    lims = np.arange(nq + 1, dtype=np.int64) * k
+    out = np.empty(nq * k, np.int64)
+    ok = _blocks(qw, np.arange(nq, dtype=np.int64), lims, rows, perm, low, offsets, layout, k, -1, budget, out, *_split(nq)) >= 0
+    _sort_slices(out, lims, np.flatnonzero(ok))
+    return out.reshape(nq, k), ok
+
+
+def range_counts(qw: np.ndarray, rows, perm, low, offsets, layout, radius: int, budget: int) -> np.ndarray:
+    """Items within `radius` of each query, or -1 where the query passed its budget."""
+    nq = len(qw)
+    return _blocks(qw, np.arange(nq, dtype=np.int64), np.zeros(nq + 1, np.int64), rows, perm, low, offsets, layout, 0,
+                   radius, budget, np.empty(0, np.int64), *_split(nq))  # fmt: skip
+
+
+def range_fill(qw: np.ndarray, rows, perm, low, offsets, layout, radius: int, which: np.ndarray, lims: np.ndarray,
+               out: np.ndarray) -> None:  # fmt: skip
+    """Query which[t]'s items, as sorted keys, into out[lims[q]:lims[q + 1]] (sized by range_counts)."""
+    _blocks(qw, which, lims, rows, perm, low, offsets, layout, 0, radius, NO_LIMIT, out, *_split(len(which)))
+    _sort_slices(out, lims, which)
