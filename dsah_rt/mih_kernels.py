@@ -225,7 +225,8 @@ def _probe_block(qw, which, lims, rows, perm, low, offsets, layout, k, radius, b
     table j within r bits of a query's; each item reached for the first time is verified by its full
     distance. The block takes each step together: its (bucket, query) pairs are grouped by bucket, so
     a bucket's codes are read from memory once for every query of the block that probes it (1,000
-    queries of 64 bits into 10M codes, 4 tables of 16 bits: ~10 queries a bucket at radius 3).
+    queries of 64 bits into 10M codes in two blocks, 4 tables of 16 bits: ~4 queries of a block per
+    probed bucket at radius 3).
 
     Query which[b]'s output is out[lims[which[b]]:lims[which[b] + 1]]. Top-k (k > 0): a max-heap of k
     keys (distance << 32 | id); held[b] = k. Range (k == 0): every item within `radius`, written when
@@ -352,7 +353,8 @@ def topk(qw: np.ndarray, rows, perm, low, offsets, layout, k: int, budget: int) 
     nq = len(qw)
     lims = np.arange(nq + 1, dtype=np.int64) * k
     out = np.empty(nq * k, np.int64)
-    ok = _blocks(qw, np.arange(nq, dtype=np.int64), lims, rows, perm, low, offsets, layout, k, -1, budget, out, *_split(nq)) >= 0
+    which = np.arange(nq, dtype=np.int64)
+    ok = _blocks(qw, which, lims, rows, perm, low, offsets, layout, k, -1, budget, out, *_split(nq)) >= 0
     _sort_slices(out, lims, np.flatnonzero(ok))
     return out.reshape(nq, k), ok
 
