@@ -1,5 +1,6 @@
-"""Numba kernels of multi-index hashing (dsah_rt.index.mih): substring keys, table sorts, and the one
-probe-and-verify loop that top-k and range search share.
+"""Numba kernels of multi-index hashing (dsah_rt.index.mih): substring keys and table sorts, which build
+the tables under Numba, and `probe_block`, the one probe-and-verify loop that top-k and range search
+share, which `native_build` compiles into the kernels' library (searched through `mih_search`).
 
 Codes are uint64 word rows, as in dsah_rt.hamming. A table is described by one row of `layout`:
 (first bit, length s, bucket bits t, base in `offsets`). Its key for a code is the code's bits
@@ -16,7 +17,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -37,22 +38,19 @@ CHUNK = 256  # candidates one branch-free loop counts against the bound (a bucke
 # buckets from 8-16 pairs ahead, 0.100-0.107 s with each bucket's first line alone).
 PREFETCH_AHEAD = 16
 PREFETCH_LINES = 32
-# Pairs (a query, a key to probe) one block groups at once (32 MB of scratch at most), and the bits
-# of a bucket id the grouping sorts by (its table of counts: 8 MB at most).
-MAX_PAIRS = 1 << 20
-COUNTING_BITS = 20
 
 
 @intrinsic
 def _prefetch(typingctx, rows, i):  # noqa: ARG001 - numba intrinsic signature
-    """llvm.prefetch of row i of a 2-D array (read, all cache levels): no load waits for it."""
+    """llvm.prefetch of item i of a 1-D array or row i of a 2-D one (read, all cache levels): no load waits for it."""
     sig = types.void(rows, i)
 
     def codegen(context, builder, signature, args):  # noqa: ARG001
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         zero = context.get_constant(types.intp, 0)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], zero])
+        item = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]] + [zero] * (aryty.ndim - 1))
+        ptr = builder.bitcast(item, cgutils.voidptr_t)  # one declaration of the intrinsic for every dtype
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
@@ -161,7 +159,9 @@ def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, o
         least = NO_LIMIT  # the chunk's least distance: a running minimum, one vector op per code
         if nwords == 1:  # one word: the codes as one contiguous column, in a loop that vectorises;
             w = q[0]  # the distances are kept only for a chunk with a candidate
-            for i in range(c1 - c0):
+            # In whole turns of the vector loop (32 codes): the codes read past the chunk can only
+            # send it to the exact path below, and the loop's narrower tail costs more than they do.
+            for i in range(min(flat.shape[0], c0 + ((c1 - c0 + 31) & ~31)) - c0):
                 least = min(least, _popcount(w ^ flat[np.uint64(c0 + i)]))
             if least > bound:
                 continue
@@ -174,12 +174,17 @@ def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, o
                 least = min(least, dist[i])
             if least > bound:
                 continue
+        for p in range(c0, c1):  # the ids are not prefetched with the codes: their misses overlap here
+            if dist[p - c0] <= bound:
+                _prefetch(ids, p)
         for p in range(c0, c1):
             d = dist[p - c0]
-            entry = (d << 32) | np.int64(ids[p])
-            if d > bound or (k > 0 and held == k and entry >= out[0]):
+            # The id last: its table is not prefetched (a cache miss), and most codes within the bound
+            # were found at an earlier step, which their code (in cache) tells.
+            if d > bound or not _first_found_here(table[p], qkeys, layout, j, r):
                 continue
-            if not _first_found_here(table[p], qkeys, layout, j, r):
+            entry = (d << 32) | np.int64(ids[p])
+            if k > 0 and held == k and entry >= out[0]:
                 continue
             if k == 0:
                 if out.shape[0] > 0:
@@ -201,14 +206,14 @@ def _next_mask(mask):
     return (((ripple ^ mask) >> 2) // low_bit) | ripple
 
 
-@njit(cache=CACHE)
-def _group_by_bucket(keys, who, n, shift, bucket_bits, counting_bits, skeys, swho):
+@njit(inline="always")
+def _group_by_bucket(keys, who, n, shift, bucket_bits, counting_bits, skeys, swho, counts):
     """Pairs (keys[i], who[i]), i < n, into skeys/swho in the order of their buckets keys[i] >> shift,
     by a stable counting sort; bucket ids wider than `counting_bits` are sorted by their top bits (the
     order only decides which reads share the cache, never a result)."""
     drop = shift + max(0, bucket_bits - counting_bits)
     digits = 1 << min(bucket_bits, counting_bits)
-    counts = np.zeros(digits + 1, np.int64)
+    counts[: digits + 1] = 0
     for i in range(n):
         counts[(keys[i] >> drop) + 1] += 1
     for c in range(digits):
@@ -219,43 +224,68 @@ def _group_by_bucket(keys, who, n, shift, bucket_bits, counting_bits, skeys, swh
         counts[c] += 1
 
 
-@njit(cache=CACHE)
-def _probe_block(qw, which, lims, rows, perm, low, offsets, layout, k, radius, budget, out, held, max_pairs, counting_bits):
+@njit(inline="always")
+def _sort_in_place(a, heap):
+    """a ascending, in place (a heap sort: the kernels allocate nothing); `heap`: a is a max-heap already."""
+    if not heap:
+        for i in range(a.shape[0]):
+            _heap_push(a, i, a[i])
+    for end in range(a.shape[0] - 1, 0, -1):
+        top = a[0]
+        _heap_replace_root(a[:end], a[end])
+        a[end] = top
+
+
+@njit
+def probe_block(qw, which, lims, rows, flat, perm, low, offsets, layout, k, radius, budget, out, held, max_pairs,
+                counting_bits, ws):  # fmt: skip
     """Steps (r, j) = (0, 0), (0, 1), .., (0, m-1), (1, 0), .. for queries which[0..]: every key of
     table j within r bits of a query's; each item reached for the first time is verified by its full
     distance. The block takes each step together: its (bucket, query) pairs are grouped by bucket, so
     a bucket's codes are read from memory once for every query of the block that probes it (1,000
     queries of 64 bits into 10M codes in two blocks, 4 tables of 16 bits: ~4 queries of a block per
-    probed bucket at radius 3).
+    probed bucket at radius 3). `flat`: every table's rows as one row of words.
 
-    Query which[b]'s output is out[lims[which[b]]:lims[which[b] + 1]]. Top-k (k > 0): a max-heap of k
-    keys (distance << 32 | id); held[b] = k. Range (k == 0): every item within `radius`, written when
-    the slice has room (it may be empty, to count); held[b] = the count. held[b] = -1 once the query's
-    work (candidates, and probes by PROBE_WEIGHT) passes `budget`; a step's probes count before it
-    starts, so a step that alone would pass it is never begun.
+    Query which[b]'s output is out[lims[which[b]]:lims[which[b] + 1]], sorted when the block ends.
+    Top-k (k > 0): the k keys (distance << 32 | id) of a max-heap; held[b] = k. Range (k == 0): every
+    item within `radius`, written when the slice has room (it may be empty, to count); held[b] = the
+    count. held[b] = -1 once the query's work (candidates, and probes by PROBE_WEIGHT) passes `budget`;
+    a step's probes count before it starts, so a step that alone would pass it is never begun.
+    Returns 0, or minus the words of int64 scratch `ws` it needs when `ws` is smaller.
     """
-    m, nb = layout.shape[0], which.shape[0]
-    qkeys = np.empty((nb, m), np.int64)
-    longest = 0
+    m, nb, n = layout.shape[0], which.shape[0], rows.shape[1]
+    longest, most, widest = 0, 1, 0
     for j in range(m):
         longest = max(longest, layout[j, LENGTH])
-        for b in range(nb):
-            qkeys[b, j] = _key(qw[which[b]], layout[j, FIRST], layout[j, LENGTH])
+        most = max(most, _BINOM[layout[j, LENGTH], layout[j, LENGTH] // 2])
+        widest = max(widest, layout[j, BUCKET_BITS])
+    # A step's pairs come in windows of at most max(nlive, max_pairs), so memory stays bounded at any radius.
+    npairs = min(nb * most, max(nb, max_pairs))
+    nmasks = min(most, max(1, max_pairs))
+    need = nb * (m + 3) + CHUNK + 4 * npairs + nmasks + (1 << min(widest, counting_bits)) + 1
+    if ws.shape[0] < need:
+        return -need
+    qkeys, work, active, live = ws[: nb * m], ws[nb * m : nb * (m + 1)], ws[nb * (m + 1) : nb * (m + 2)], ws[nb * (m + 2) : nb * (m + 3)]
+    o = nb * (m + 3)
+    dist, keys, who = ws[o : o + CHUNK], ws[o + CHUNK : o + CHUNK + npairs], ws[o + CHUNK + npairs : o + CHUNK + 2 * npairs]
+    o += CHUNK + 2 * npairs
+    skeys, swho, masks, counts = ws[o : o + npairs], ws[o + npairs : o + 2 * npairs], ws[o + 2 * npairs : o + 2 * npairs + nmasks], ws[o + 2 * npairs + nmasks : need]
+    for b in range(nb):
+        for j in range(m):
+            qkeys[b * m + j] = _key(qw[which[b]], layout[j, FIRST], layout[j, LENGTH])
     held[:] = 0
-    work = np.zeros(nb, np.int64)
-    active = np.ones(nb, np.bool_)
+    work[:] = 0
+    active[:] = 1
     left = nb
-    dist = np.empty(CHUNK, np.int64)
-    live = np.empty(nb, np.int64)
     for r in range(longest + 1):
         for j in range(m):
             s = layout[j, LENGTH]
-            if r > s:
+            if r > s or left == 0:
                 continue
             shift = s - layout[j, BUCKET_BITS]
             base = layout[j, BASE]
             table = rows[j]
-            flat = table.reshape(-1)
+            tflat = flat[j * n * table.shape[1] : (j + 1) * n * table.shape[1]]
             line = max(1, 8 // table.shape[1])  # rows per 64-byte cache line
             probes = _BINOM[s, r]
             nlive = 0
@@ -263,33 +293,28 @@ def _probe_block(qw, which, lims, rows, perm, low, offsets, layout, k, radius, b
                 if active[b]:
                     work[b] += probes * PROBE_WEIGHT
                     if work[b] > budget:
-                        active[b], held[b] = False, -1
+                        active[b], held[b] = 0, -1
                         left -= 1
                     else:
                         live[nlive] = b
                         nlive += 1
-            # The step's masks in windows of at most max_pairs pairs (memory stays bounded at any radius).
-            window = max(1, max_pairs // max(1, nlive))
-            size = nlive * min(probes, window)
-            keys, who = np.empty(size, np.int64), np.empty(size, np.int64)
-            skeys, swho = np.empty(size, np.int64), np.empty(size, np.int64)
-            masks = np.empty(min(probes, window), np.int64)  # the window's masks, shared by its queries
+            window = max(1, max_pairs // max(1, nlive))  # the step's masks, a window at a time
             mask = (np.int64(1) << r) - 1  # the smallest s-bit mask with r bits set
             for w0 in range(0, probes if nlive > 0 else 0, window):
                 nm = min(probes, w0 + window) - w0
-                for i in range(nm):
+                for i in range(nm):  # the window's masks, shared by its queries
                     masks[i] = mask
                     if r > 0:
                         mask = _next_mask(mask)
-                n = 0
+                npair = 0
                 for t in range(nlive):
                     for i in range(nm):
-                        keys[n], who[n] = qkeys[live[t], j] ^ masks[i], live[t]
-                        n += 1
-                _group_by_bucket(keys, who, n, shift, layout[j, BUCKET_BITS], counting_bits, skeys, swho)
-                for t in range(n):
+                        keys[npair], who[npair] = qkeys[live[t] * m + j] ^ masks[i], live[t]
+                        npair += 1
+                _group_by_bucket(keys, who, npair, shift, layout[j, BUCKET_BITS], counting_bits, skeys, swho, counts)
+                for t in range(npair):
                     ahead = t + PREFETCH_AHEAD
-                    if ahead < n and skeys[ahead] != skeys[ahead - 1]:  # a later pair's bucket starts loading now
+                    if ahead < npair and skeys[ahead] != skeys[ahead - 1]:  # a later pair's bucket starts loading now
                         c0, c1 = offsets[base + (skeys[ahead] >> shift)], offsets[base + (skeys[ahead] >> shift) + 1]
                         for row in range(c0, min(c1, c0 + PREFETCH_LINES * line), line):
                             _prefetch(table, row)
@@ -298,76 +323,26 @@ def _probe_block(qw, which, lims, rows, perm, low, offsets, layout, k, radius, b
                         continue
                     lo, hi = offsets[base + (skeys[t] >> shift)], offsets[base + (skeys[t] >> shift) + 1]
                     if shift > 0:  # a shared bucket: narrow it to this key's low bits
-                        part = low[j, lo:hi]
+                        below = low[j, lo:hi]
                         rest = skeys[t] & ((np.int64(1) << shift) - 1)
-                        lo, hi = lo + np.searchsorted(part, rest), lo + np.searchsorted(part, rest, side="right")
+                        lo, hi = lo + np.searchsorted(below, rest), lo + np.searchsorted(below, rest, side="right")
                     work[b] += hi - lo
                     if work[b] > budget:
-                        active[b], held[b] = False, -1
+                        active[b], held[b] = 0, -1
                         left -= 1
                         continue
                     q = which[b]
-                    held[b] = _verify(qw[q], table, flat, perm[j], lo, hi, qkeys[b], layout, j, r, k, radius, held[b],
-                                      out[lims[q] : lims[q + 1]], dist)  # fmt: skip
+                    held[b] = _verify(qw[q], table, tflat, perm[j], lo, hi, qkeys[b * m : (b + 1) * m], layout, j, r, k,
+                                      radius, held[b], out[lims[q] : lims[q + 1]], dist)  # fmt: skip
             # Exact from here (pigeonhole, see dsah_rt.index.mih): every item within m*r + j is found.
             reach = m * r + j
             for t in range(nlive):
                 b = live[t]
                 if active[b] and (reach >= radius if k == 0 else held[b] == k and (out[lims[which[b]]] >> 32) <= reach):
-                    active[b] = False
+                    active[b] = 0
                     left -= 1
-            if left == 0:
-                return
-
-
-# Each parallel kernel hands a block of queries (one per thread: the more queries a block holds, the
-# more of them share each bucket read) to a serial function, as in dsah_rt.hamming: the parfor pass
-# then has nothing to transform inside the loop body.
-
-
-@njit(parallel=True, cache=CACHE)
-def _blocks(qw, which, lims, rows, perm, low, offsets, layout, k, radius, budget, out, nblocks, max_pairs, counting_bits):
-    held = np.empty(which.shape[0], np.int64)
-    for t in prange(nblocks):
-        lo, hi = t * which.shape[0] // nblocks, (t + 1) * which.shape[0] // nblocks
-        _probe_block(qw, which[lo:hi], lims, rows, perm, low, offsets, layout, k, radius, budget, out, held[lo:hi],
-                     max_pairs, counting_bits)  # fmt: skip
-    return held
-
-
-@njit(parallel=True, cache=CACHE)
-def _sort_slices(out, lims, which):
-    for t in prange(which.shape[0]):
-        q = which[t]
-        out[lims[q] : lims[q + 1]] = np.sort(out[lims[q] : lims[q + 1]])
-
-
-def _split(nq: int) -> tuple[int, int, int]:
-    # Blocks (one per thread), and the scratch limits read here, not frozen into the compiled kernels.
-    return max(1, min(nq, get_num_threads())), MAX_PAIRS, COUNTING_BITS
-
-
-def topk(qw: np.ndarray, rows, perm, low, offsets, layout, k: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, k) keys (distance << 32 | id) in ascending order, and whether each query stayed in budget
-    (the rows of those that did not are undefined)."""
-    nq = len(qw)
-    lims = np.arange(nq + 1, dtype=np.int64) * k
-    out = np.empty(nq * k, np.int64)
-    which = np.arange(nq, dtype=np.int64)
-    ok = _blocks(qw, which, lims, rows, perm, low, offsets, layout, k, -1, budget, out, *_split(nq)) >= 0
-    _sort_slices(out, lims, np.flatnonzero(ok))
-    return out.reshape(nq, k), ok
-
-
-def range_counts(qw: np.ndarray, rows, perm, low, offsets, layout, radius: int, budget: int) -> np.ndarray:
-    """Items within `radius` of each query, or -1 where the query passed its budget."""
-    nq = len(qw)
-    return _blocks(qw, np.arange(nq, dtype=np.int64), np.zeros(nq + 1, np.int64), rows, perm, low, offsets, layout, 0,
-                   radius, budget, np.empty(0, np.int64), *_split(nq))  # fmt: skip
-
-
-def range_fill(qw: np.ndarray, rows, perm, low, offsets, layout, radius: int, which: np.ndarray, lims: np.ndarray,
-               out: np.ndarray) -> None:  # fmt: skip
-    """Query which[t]'s items, as sorted keys, into out[lims[q]:lims[q + 1]] (sized by range_counts)."""
-    _blocks(qw, which, lims, rows, perm, low, offsets, layout, 0, radius, NO_LIMIT, out, *_split(len(which)))
-    _sort_slices(out, lims, which)
+    for b in range(nb):
+        q = which[b]
+        if held[b] > 0:
+            _sort_in_place(out[lims[q] : lims[q] + min(held[b], lims[q + 1] - lims[q])], k > 0)
+    return 0

@@ -35,8 +35,12 @@ ENTRIES: dict[str, str] = {
         " hist:i64* ap:f64* found:i64* at_grid:i64* ws:i64* nws"
     ),
     "tie_aware": "hist:i64* nq nbins q0 nb mean:f64* best:f64* worst:f64* ws:i64* nws",
+    "mih": (
+        "qw:u64* nq nwords rows:u64* n perm:u32* low:u16* nlow offsets:i64* noffsets layout:i64* m k radius budget"
+        " which:i64* nwhich lims:i64* out:i64* nout held:i64* q0 nb max_pairs counting_bits ws:i64* nws"
+    ),
 }
-SOURCES = ("hamming.py", "native.py", "native_build.py")
+SOURCES = ("hamming.py", "mih_kernels.py", "mih_layout.py", "native.py", "native_build.py")
 _HERE = Path(__file__).parent
 
 _lock = threading.Lock()

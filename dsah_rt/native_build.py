@@ -24,10 +24,11 @@ import llvmlite.binding as llvm
 import numba
 from numba import carray, cfunc, types
 
-from dsah_rt import hamming, native
+from dsah_rt import hamming, mih_kernels, native
 from dsah_rt.numba_cache import kernel_cache
 
-_TYPES = {"u64": types.uint64, "i64": types.int64, "i32": types.int32, "f64": types.float64}
+_TYPES = {"u64": types.uint64, "u32": types.uint32, "u16": types.uint16, "i64": types.int64, "i32": types.int32,
+          "f64": types.float64}
 # Numba runtime helpers the entries name only on paths they never take: raising an exception (the
 # kernels raise none) and freeing an array the kernel allocated (they allocate none). Any other
 # helper (a reshape, an allocation) would be reached: the build refuses it rather than stub it.
@@ -53,7 +54,17 @@ def _tie_aware(hist, nq, nbins, q0, nb, mean, best, worst, ws, nws):  # noqa: AR
                                    carray(worst, (nq,)))  # fmt: skip
 
 
-_BODIES: dict[str, Callable[..., int]] = {"topk": _topk, "ranked": _ranked, "tie_aware": _tie_aware}
+def _mih(qw, nq, nwords, rows, n, perm, low, nlow, offsets, noffsets, layout, m, k, radius, budget, which, nwhich, lims, out,
+         nout, held, q0, nb, max_pairs, counting_bits, ws, nws):  # fmt: skip
+    return mih_kernels.probe_block(
+        carray(qw, (nq, nwords)), carray(which, (nwhich,))[q0 : q0 + nb], carray(lims, (nq + 1,)),
+        carray(rows, (m, n, nwords)), carray(rows, (m * n * nwords,)), carray(perm, (m, n)), carray(low, (m, nlow)),
+        carray(offsets, (noffsets,)), carray(layout, (m, 4)), k, radius, budget, carray(out, (nout,)),
+        carray(held, (nwhich,))[q0 : q0 + nb], max_pairs, counting_bits, carray(ws, (nws,)),
+    )
+
+
+_BODIES: dict[str, Callable[..., int]] = {"topk": _topk, "ranked": _ranked, "tie_aware": _tie_aware, "mih": _mih}
 
 
 def signature(name: str) -> types.Signature:

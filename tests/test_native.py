@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 import reference as ref
 from dsah_rt import native, ranking
+from dsah_rt.codes import nbytes_for, pack
+from dsah_rt.index import MIHIndex
 from dsah_rt.popcount_numpy import words
 
 # A fresh process that searches and evaluates: which kernels it ran and whether Numba was imported.
@@ -38,6 +40,38 @@ def test_a_process_ranks_without_importing_numba() -> None:
     assert res.stdout.split() == ["False", "CFunctionType"] and res.stderr == ""
 
 
+MIH_FRESH = """
+import sys
+import numpy as np
+from dsah_rt.index import load_index
+index, q = load_index(sys.argv[1], mmap=True), np.load(sys.argv[2])
+index.scan_cost = 0  # MIH alone: the exact kind's range scan is a Numba kernel
+np.savez(sys.argv[3], *index.search(q, 7), *index.range_search(q, 20))
+print("numba" in sys.modules)
+"""
+
+
+def test_a_process_searches_an_mih_index_without_importing_numba(tmp_path: Path) -> None:
+    native.kernels()
+    rng = np.random.default_rng(5)
+    protos = rng.integers(0, 2, (3, 64), dtype=np.uint8)
+    db01 = protos[rng.integers(0, 3, 4000)] ^ (rng.random((4000, 64)) < 0.1).astype(np.uint8)
+    q01 = np.concatenate([db01[:10], rng.integers(0, 2, (10, 64), dtype=np.uint8)])
+    index = MIHIndex(64)
+    index.scan_cost = 0
+    index.add(pack(db01))
+    index.save(tmp_path / "codes.mih")
+    np.save(tmp_path / "q.npy", pack(q01))
+    res = subprocess.run([sys.executable, "-c", MIH_FRESH, str(tmp_path / "codes.mih"), str(tmp_path / "q.npy"),
+                          str(tmp_path / "r.npz")], capture_output=True, text=True, check=True)  # fmt: skip
+    assert res.stdout.split() == ["False"] and res.stderr == ""
+    D, I, lims, rD, rI = np.load(tmp_path / "r.npz").values()
+    ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
+    want = ref.range_search(q01, db01, 20)
+    for got, expected in zip((lims, rD, rI), want):
+        np.testing.assert_array_equal(got, expected)
+
+
 def _random_case(rng: np.random.Generator, bits: int, nq: int, n: int, multi: int):
     # multi: 0 for class ids, else that many multi-hot labels (70: two label words)
     protos = rng.integers(0, 2, (4, bits), dtype=np.uint8)
@@ -48,10 +82,12 @@ def _random_case(rng: np.random.Generator, bits: int, nq: int, n: int, multi: in
     return qw, dw, *ranking.label_words(labels[:nq], labels[nq:]), codes[:nq], codes[nq:], labels[:nq], labels[nq:]
 
 
-def _all_entries(qw, dw, qlw, dlw, bits, k):
+def _all_entries(qw, dw, qlw, dlw, bits, k, mih):
     D, I = ranking.topk(qw, dw, bits, k)
     hist, ap, found, at_grid = ranking.index_order(qw, dw, qlw, dlw, bits, 0, np.array([1, 3, 50], np.int64))
-    return (D, I, hist, ap, found, at_grid, *ranking.tie_aware_ap(hist))
+    queries = qw.view(np.uint8)[:, : nbytes_for(bits)]
+    return (D, I, hist, ap, found, at_grid, *ranking.tie_aware_ap(hist), *mih.search(queries, k),
+            *mih.range_search(queries, bits // 4))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +103,13 @@ def in_process_kernels():
 def test_library_and_in_process_numba_agree_with_the_reference(in_process_kernels, bits, seed, nq, n, multi, k):
     qw, dw, qlw, dlw, q01, db01, qlab, dblab = _random_case(np.random.default_rng(seed), bits, nq, n, multi)
     k = min(k, n)
-    library = _all_entries(qw, dw, qlw, dlw, bits, k)
+    mih = MIHIndex(bits)
+    mih.scan_cost = 0  # its own probing only, never the exact kind's scan
+    mih.add(pack(db01))
+    library = _all_entries(qw, dw, qlw, dlw, bits, k, mih)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(native, "_loaded", in_process_kernels)
-        numba_own = _all_entries(qw, dw, qlw, dlw, bits, k)
+        numba_own = _all_entries(qw, dw, qlw, dlw, bits, k, mih)
     for a, b in zip(library, numba_own):
         if a.dtype.kind == "f":  # sums the compiler may reassociate differently at another vector width
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
@@ -78,6 +117,7 @@ def test_library_and_in_process_numba_agree_with_the_reference(in_process_kernel
             np.testing.assert_array_equal(a, b)
     dist, rel = ref.distances(q01, db01), ref.relevance(qlab, dblab)
     ref.assert_ranking_prefix(library[0], library[1], dist)
+    ref.assert_ranking_prefix(library[9], library[10], dist)
     for i in range(nq):
         ref.assert_close(library[3][i], ref.average_precision(rel[i][ref.ranking(dist[i])], None))
 

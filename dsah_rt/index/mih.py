@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsah_rt import popcount_numpy
+from dsah_rt import mih_search, popcount_numpy
 from dsah_rt.atomic import atomic_write
 from dsah_rt.codes import MAX_BITS, to_packed
 from dsah_rt.errors import SearchIndexError
@@ -106,7 +106,7 @@ class Tables(NamedTuple):
 
 
 def _kernels():
-    """The Numba kernels, imported when first used: opening the index package must not start Numba."""
+    """The build's Numba kernels, imported when first used: opening or searching an index must not start Numba."""
     from dsah_rt import mih_kernels
 
     return mih_kernels
@@ -184,7 +184,7 @@ class MIHIndex(BinaryIndex):
         if self.scan_cost and k * self.scan_cost >= self.ntotal:  # k candidates alone would cost a scan
             return super().search(queries, k)
         packed, _ = to_packed(queries, self.bits, where="query codes")
-        entries, ok = _kernels().topk(popcount_numpy.words(packed), *self.tables(), k, self._budget())
+        entries, ok = mih_search.topk(popcount_numpy.words(packed), self.tables(), k, self._budget())
         distances, indices = (entries >> 32).astype(np.int32), entries & _KEY_ID
         if not ok.all():
             distances[~ok], indices[~ok] = super().search(packed[~ok], k)
@@ -195,14 +195,14 @@ class MIHIndex(BinaryIndex):
         radius = min(radius, self.bits)  # the kernels take int64; nothing is farther than bits
         packed, _ = to_packed(queries, self.bits, where="query codes")
         qw, tables = popcount_numpy.words(packed), self.tables()
-        counts = _kernels().range_counts(qw, *tables, radius, self._budget())
+        counts = mih_search.range_counts(qw, tables, radius, self._budget())
         scanned = counts < 0
         if scanned.any():
             slims, sdist, sidx = super().range_search(packed[scanned], radius)
             counts[scanned] = np.diff(slims)
         lims = np.concatenate([[0], np.cumsum(counts)])
         entries = np.empty(lims[-1], np.int64)
-        _kernels().range_fill(qw, *tables, radius, np.flatnonzero(~scanned), lims, entries)
+        mih_search.range_fill(qw, tables, radius, np.flatnonzero(~scanned), lims, entries)
         distances, indices = (entries >> 32).astype(np.int32), entries & _KEY_ID
         if scanned.any():
             # Scanned queries' hits, moved from their packed run to their query's place.
