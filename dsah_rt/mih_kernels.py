@@ -174,13 +174,14 @@ def _verify(q, table, flat, ids, lo, hi, qkeys, layout, j, r, k, radius, held, o
                 least = min(least, dist[i])
             if least > bound:
                 continue
-        for p in range(c0, c1):  # the ids are not prefetched with the codes: their misses overlap here
+        # A candidate's id is a cache miss (the ids are not prefetched with the bucket): the chunk's
+        # misses are requested together, and an id is read only for a code not found at an earlier
+        # step (which the code, in cache, tells). Reading every id took 8% of a 10M-code search.
+        for p in range(c0, c1):
             if dist[p - c0] <= bound:
                 _prefetch(ids, p)
         for p in range(c0, c1):
             d = dist[p - c0]
-            # The id last: its table is not prefetched (a cache miss), and most codes within the bound
-            # were found at an earlier step, which their code (in cache) tells.
             if d > bound or not _first_found_here(table[p], qkeys, layout, j, r):
                 continue
             entry = (d << 32) | np.int64(ids[p])
