@@ -1,6 +1,6 @@
-"""Numba kernels of multi-index hashing (dsah_rt.index.mih): substring keys and table sorts, which build
-the tables under Numba, and `probe_block`, the one probe-and-verify loop that top-k and range search
-share, which `native_build` compiles into the kernels' library (searched through `mih_search`).
+"""Numba kernels of multi-index hashing (dsah_rt.index.mih), which `native_build` compiles into the
+kernels' library (called through `mih_ops`): substring keys and the table sort, which build the
+tables, and `probe_block`, the one probe-and-verify loop that top-k and range search share.
 
 Codes are uint64 word rows, as in dsah_rt.hamming. A table is described by one row of `layout`:
 (first bit, length s, bucket bits t, base in `offsets`). Its key for a code is the code's bits
@@ -17,15 +17,12 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dsah_rt.hamming import _distance, _popcount
 from dsah_rt.mih_layout import BASE, BUCKET_BITS, FIRST, LENGTH, NO_LIMIT
-from dsah_rt.numba_cache import kernel_cache
-
-CACHE = kernel_cache(__file__)
 
 # _BINOM[s, r]: the number of s-bit keys at Hamming distance r from a given one (probes per step).
 _BINOM = np.array([[math.comb(s, r) for r in range(33)] for s in range(33)], np.int64)
@@ -77,29 +74,29 @@ def _key(row, first, length):
     return (v >> (8 * (hi + 1) - first - length)) & ((np.int64(1) << length) - 1)
 
 
-@njit(parallel=True, cache=CACHE)
-def keys(rows, first, length):
-    """(N,) int64: every row's key for the substring [first, first + length)."""
-    out = np.empty(rows.shape[0], np.int64)
-    for i in prange(rows.shape[0]):
+@njit
+def keys_block(rows, first, length, q0, nb, out):
+    """Rows q0..q0+nb's keys for the substring [first, first + length) into out."""
+    for i in range(q0, q0 + nb):
         out[i] = _key(rows[i], first, length)
-    return out
+    return 0
 
 
-@njit(cache=CACHE)
-def counting_sort(digits, order, nbuckets):
-    """`order` stably sorted by digits[order], and the bucket offsets (nbuckets + 1,) int64."""
-    offsets = np.zeros(nbuckets + 1, np.int64)
+@njit
+def counting_sort(digits, order, nbuckets, out, offsets):
+    """`order` stably sorted by digits[order] into `out`, and the bucket offsets (nbuckets + 1,)."""
+    offsets[:] = 0
     for i in order:
         offsets[digits[i] + 1] += 1
     for b in range(nbuckets):
         offsets[b + 1] += offsets[b]
-    cursor = offsets[:-1].copy()
-    out = np.empty_like(order)
-    for i in order:
-        out[cursor[digits[i]]] = i
-        cursor[digits[i]] += 1
-    return out, offsets
+    for i in order:  # offsets[d] serves as bucket d's cursor: it ends where bucket d + 1 starts ..
+        out[offsets[digits[i]]] = i
+        offsets[digits[i]] += 1
+    for b in range(nbuckets, 0, -1):  # .. so one shift gives the starts back, without a cursor array
+        offsets[b] = offsets[b - 1]
+    offsets[0] = 0
+    return 0
 
 
 @njit(inline="always")

@@ -1,4 +1,5 @@
-"""The hot kernels of `dsah_rt.hamming` as machine code a process loads without importing Numba.
+"""The hot kernels of `dsah_rt.hamming` and `dsah_rt.mih_kernels` as machine code a process loads
+without importing Numba.
 
 A fresh process that imports Numba and loads its cached kernels spends ~0.45 s before the first
 comparison (measured, issue 12): more than the whole 1,000 x 1,000,000 search takes. So Numba
@@ -27,7 +28,7 @@ import numpy as np
 
 # Each entry: its C parameters in order; "name:type*" is a pointer to an array of that type,
 # a bare name an int64. Every entry returns an int64: 0 when done, or minus the words of scratch
-# (the `ws` of `nws` words) it needs when given fewer.
+# (the `ws` of `nws` words, where it takes one) it needs when given fewer.
 ENTRIES: dict[str, str] = {
     "topk": "qw:u64* nq nwords db:u64* n bits k q0 nb dist:i32* idx:i64* ws:i64* nws",
     "ranked": (
@@ -35,6 +36,8 @@ ENTRIES: dict[str, str] = {
         " hist:i64* ap:f64* found:i64* at_grid:i64* ws:i64* nws"
     ),
     "tie_aware": "hist:i64* nq nbins q0 nb mean:f64* best:f64* worst:f64* ws:i64* nws",
+    "mih_keys": "rows:u64* n nwords first length out:i64* q0 nb ws:i64* nws",
+    "mih_sort": "digits:i64* order:u32* n nbuckets out:u32* offsets:i64*",
     "mih": (
         "qw:u64* nq nwords rows:u64* n perm:u32* low:u16* nlow offsets:i64* noffsets layout:i64* m k radius budget"
         " which:i64* nwhich lims:i64* out:i64* nout held:i64* q0 nb max_pairs counting_bits ws:i64* nws"

@@ -2,11 +2,12 @@
 its own (`python -m dsah_rt.native_build [FOLDER ...]`), started by the first process that needs the
 kernels (`make kernels` does so for `make test` and `make demo`).
 
-Each entry is a Numba `cfunc` around a kernel of `dsah_rt.hamming`. Its optimised LLVM module is
-emitted as position-independent object code for this CPU, with every function but the entry made
-internal, so the entries link side by side. The kernels allocate nothing and raise nothing, so the
-only parts of Numba's runtime the code still names (exception and reference-count helpers on
-paths never taken) are linked as stubs that abort with a message instead of running on wrongly.
+Each entry is a Numba `cfunc` around a kernel of `dsah_rt.hamming` or `dsah_rt.mih_kernels`. Its
+optimised LLVM module is emitted as position-independent object code for this CPU, with every
+function but the entry made internal, so the entries link side by side. The kernels allocate nothing
+and raise nothing, so the only parts of Numba's runtime the code still names (exception and
+reference-count helpers on paths never taken) are linked as stubs that abort with a message instead
+of running on wrongly.
 """
 
 from __future__ import annotations
@@ -64,7 +65,17 @@ def _mih(qw, nq, nwords, rows, n, perm, low, nlow, offsets, noffsets, layout, m,
     )
 
 
-_BODIES: dict[str, Callable[..., int]] = {"topk": _topk, "ranked": _ranked, "tie_aware": _tie_aware, "mih": _mih}
+def _mih_keys(rows, n, nwords, first, length, out, q0, nb, ws, nws):  # noqa: ARG001 - no scratch needed
+    return mih_kernels.keys_block(carray(rows, (n, nwords)), first, length, q0, nb, carray(out, (n,)))
+
+
+def _mih_sort(digits, order, n, nbuckets, out, offsets):
+    return mih_kernels.counting_sort(carray(digits, (n,)), carray(order, (n,)), nbuckets, carray(out, (n,)),
+                                     carray(offsets, (nbuckets + 1,)))  # fmt: skip
+
+
+_BODIES: dict[str, Callable[..., int]] = {"topk": _topk, "ranked": _ranked, "tie_aware": _tie_aware, "mih": _mih,
+                                          "mih_keys": _mih_keys, "mih_sort": _mih_sort}  # fmt: skip
 
 
 def signature(name: str) -> types.Signature:

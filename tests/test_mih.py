@@ -118,15 +118,15 @@ def test_a_block_split_into_windows_and_sorted_by_top_bits_gives_the_same_result
     # A block takes each step's (query, key) pairs in windows of at most MAX_PAIRS, grouped by the top
     # COUNTING_BITS of the bucket id: both far smaller here, so windows split the masks and the queries
     # of a step, and buckets share a digit (bucket ids of 16 bits, or 12 at 24 bits / 2).
-    from dsah_rt import mih_search
+    from dsah_rt import mih_ops
 
     rng = np.random.default_rng(bits + m)
     protos = rng.integers(0, 2, (6, bits), dtype=np.uint8)
     db01 = protos[rng.integers(0, 6, 2000)] ^ (rng.random((2000, bits)) < 0.08).astype(np.uint8)
     q01 = protos[rng.integers(0, 6, 23)] ^ (rng.random((23, bits)) < 0.08).astype(np.uint8)
     index = _mih(db01, bits, m)
-    monkeypatch.setattr(mih_search, "MAX_PAIRS", 7)
-    monkeypatch.setattr(mih_search, "COUNTING_BITS", 3)
+    monkeypatch.setattr(mih_ops, "MAX_PAIRS", 7)
+    monkeypatch.setattr(mih_ops, "COUNTING_BITS", 3)
     for k in (1, 10, 300):
         D, I = index.search(pack(q01), k)
         ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))

@@ -40,34 +40,36 @@ def test_a_process_ranks_without_importing_numba() -> None:
     assert res.stdout.split() == ["False", "CFunctionType"] and res.stderr == ""
 
 
+# A fresh process that builds an MIH index (40-bit codes: substrings wider than their buckets, so the
+# tables of 20-bit substrings in 16-bit buckets are sorted twice), saves it and searches the saved file.
 MIH_FRESH = """
 import sys
 import numpy as np
-from dsah_rt.index import load_index
-index, q = load_index(sys.argv[1], mmap=True), np.load(sys.argv[2])
+from dsah_rt.index import MIHIndex, load_index
+built = MIHIndex(40, 2)
+built.add(np.load(sys.argv[1]))
+built.save(sys.argv[2])
+index, q = load_index(sys.argv[2], mmap=True), np.load(sys.argv[3])
 index.scan_cost = 0  # MIH alone: the exact kind's range scan is a Numba kernel
-np.savez(sys.argv[3], *index.search(q, 7), *index.range_search(q, 20))
-print("numba" in sys.modules)
+np.savez(sys.argv[4], *index.search(q, 7), *index.range_search(q, 12))
+print("numba" in sys.modules, index.substrings)
 """
 
 
-def test_a_process_searches_an_mih_index_without_importing_numba(tmp_path: Path) -> None:
+def test_a_process_builds_and_searches_an_mih_index_without_importing_numba(tmp_path: Path) -> None:
     native.kernels()
     rng = np.random.default_rng(5)
-    protos = rng.integers(0, 2, (3, 64), dtype=np.uint8)
-    db01 = protos[rng.integers(0, 3, 4000)] ^ (rng.random((4000, 64)) < 0.1).astype(np.uint8)
-    q01 = np.concatenate([db01[:10], rng.integers(0, 2, (10, 64), dtype=np.uint8)])
-    index = MIHIndex(64)
-    index.scan_cost = 0
-    index.add(pack(db01))
-    index.save(tmp_path / "codes.mih")
+    protos = rng.integers(0, 2, (3, 40), dtype=np.uint8)
+    db01 = protos[rng.integers(0, 3, 4000)] ^ (rng.random((4000, 40)) < 0.1).astype(np.uint8)
+    q01 = np.concatenate([db01[:10], rng.integers(0, 2, (10, 40), dtype=np.uint8)])
+    np.save(tmp_path / "db.npy", pack(db01))
     np.save(tmp_path / "q.npy", pack(q01))
-    res = subprocess.run([sys.executable, "-c", MIH_FRESH, str(tmp_path / "codes.mih"), str(tmp_path / "q.npy"),
-                          str(tmp_path / "r.npz")], capture_output=True, text=True, check=True)  # fmt: skip
-    assert res.stdout.split() == ["False"] and res.stderr == ""
+    paths = [str(tmp_path / name) for name in ("db.npy", "codes.mih", "q.npy", "r.npz")]
+    res = subprocess.run([sys.executable, "-c", MIH_FRESH, *paths], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["False", "2"] and res.stderr == ""
     D, I, lims, rD, rI = np.load(tmp_path / "r.npz").values()
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
-    want = ref.range_search(q01, db01, 20)
+    want = ref.range_search(q01, db01, 12)
     for got, expected in zip((lims, rD, rI), want):
         np.testing.assert_array_equal(got, expected)
 

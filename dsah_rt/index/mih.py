@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsah_rt import mih_search, popcount_numpy
+from dsah_rt import mih_ops, popcount_numpy
 from dsah_rt.atomic import atomic_write
 from dsah_rt.codes import MAX_BITS, to_packed
 from dsah_rt.errors import SearchIndexError
@@ -105,13 +105,6 @@ class Tables(NamedTuple):
         }
 
 
-def _kernels():
-    """The build's Numba kernels, imported when first used: opening or searching an index must not start Numba."""
-    from dsah_rt import mih_kernels
-
-    return mih_kernels
-
-
 def build_tables(words: np.ndarray, layout: np.ndarray) -> Tables:
     """Each table sorted by key, stably (ties by id): one counting sort per table, two (low bits
     first, radix-style) where buckets hold several keys."""
@@ -120,12 +113,12 @@ def build_tables(words: np.ndarray, layout: np.ndarray) -> Tables:
         raise SearchIndexError(f"an MIH index holds fewer than 2**32 codes, not {n}")
     arrays = {name: np.empty(shape, dtype) for name, (dtype, shape) in Tables.shapes(layout, n, nwords).items()}
     for j, (first, length, bucket_bits, base) in enumerate(layout):
-        key = _kernels().keys(words, first, length)
+        key = mih_ops.keys(words, first, length)
         shift = length - bucket_bits
         order = np.arange(n, dtype=np.uint32)
         if shift:
-            order, _ = _kernels().counting_sort(key & ((1 << shift) - 1), order, 1 << shift)
-        perm, offsets = _kernels().counting_sort(key >> shift, order, 1 << bucket_bits)
+            order, _ = mih_ops.counting_sort(key & ((1 << shift) - 1), order, 1 << shift)
+        perm, offsets = mih_ops.counting_sort(key >> shift, order, 1 << bucket_bits)
         arrays["perm"][j] = perm
         arrays["offsets"][base : base + len(offsets)] = offsets
         if shift:
@@ -184,7 +177,7 @@ class MIHIndex(BinaryIndex):
         if self.scan_cost and k * self.scan_cost >= self.ntotal:  # k candidates alone would cost a scan
             return super().search(queries, k)
         packed, _ = to_packed(queries, self.bits, where="query codes")
-        entries, ok = mih_search.topk(popcount_numpy.words(packed), self.tables(), k, self._budget())
+        entries, ok = mih_ops.topk(popcount_numpy.words(packed), self.tables(), k, self._budget())
         distances, indices = (entries >> 32).astype(np.int32), entries & _KEY_ID
         if not ok.all():
             distances[~ok], indices[~ok] = super().search(packed[~ok], k)
@@ -195,14 +188,14 @@ class MIHIndex(BinaryIndex):
         radius = min(radius, self.bits)  # the kernels take int64; nothing is farther than bits
         packed, _ = to_packed(queries, self.bits, where="query codes")
         qw, tables = popcount_numpy.words(packed), self.tables()
-        counts = mih_search.range_counts(qw, tables, radius, self._budget())
+        counts = mih_ops.range_counts(qw, tables, radius, self._budget())
         scanned = counts < 0
         if scanned.any():
             slims, sdist, sidx = super().range_search(packed[scanned], radius)
             counts[scanned] = np.diff(slims)
         lims = np.concatenate([[0], np.cumsum(counts)])
         entries = np.empty(lims[-1], np.int64)
-        mih_search.range_fill(qw, tables, radius, np.flatnonzero(~scanned), lims, entries)
+        mih_ops.range_fill(qw, tables, radius, np.flatnonzero(~scanned), lims, entries)
         distances, indices = (entries >> 32).astype(np.int32), entries & _KEY_ID
         if scanned.any():
             # Scanned queries' hits, moved from their packed run to their query's place.

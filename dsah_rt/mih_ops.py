@@ -1,9 +1,10 @@
-"""Multi-index hashing's probing on the compiled kernels (`native`): top-k, range counts, range fill.
+"""Multi-index hashing on the compiled kernels (`native`): the tables' keys and sort, top-k, range
+counts, range fill.
 
-NumPy and ctypes only, as `ranking`: a process that searches an MIH index loads the kernels' library
-and never imports Numba (which cost a fresh `dsah-rt search --index` 0.3 s of its own clock, measured,
-issue 12). The queries are cut into one block per thread: the more queries a block holds, the more
-of them share each bucket read (see `mih_kernels.probe_block`).
+NumPy and ctypes only, as `ranking`: a process that builds or searches an MIH index loads the
+kernels' library and never imports Numba (which cost a fresh `dsah-rt search --index` 0.3 s of its
+own clock, measured, issue 12). A search cuts its queries into one block per thread: the more
+queries a block holds, the more of them share each bucket read (see `mih_kernels.probe_block`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,23 @@ from dsah_rt.native import ptr
 # of a bucket id the grouping sorts by (its table of counts: 8 MB at most).
 MAX_PAIRS = 1 << 20
 COUNTING_BITS = 20
+
+
+def keys(words: np.ndarray, first: int, length: int) -> np.ndarray:
+    """(N,) int64: every code's key for the substring [first, first + length) (see `mih_kernels`)."""
+    out = np.empty(len(words), np.int64)
+    head = (ptr(words), *words.shape, first, length, ptr(out))
+    native.run_blocks(native.kernels()["mih_keys"], len(words), max(1 << 16, -(-len(words) // native.threads())),
+                      lambda q0, nb, ws: (*head, q0, nb, ptr(ws), len(ws)))  # fmt: skip
+    return out
+
+
+def counting_sort(digits: np.ndarray, order: np.ndarray, nbuckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint32 `order` stably sorted by digits[order], and the bucket offsets (nbuckets + 1,) int64."""
+    digits, order = np.ascontiguousarray(digits, np.int64), np.ascontiguousarray(order, np.uint32)
+    out, offsets = np.empty_like(order), np.empty(nbuckets + 1, np.int64)
+    native.kernels()["mih_sort"](ptr(digits), ptr(order), len(order), nbuckets, ptr(out), ptr(offsets))
+    return out, offsets
 
 
 def _probe(qw: np.ndarray, tables: Sequence[np.ndarray], which: np.ndarray, lims: np.ndarray, out: np.ndarray, k: int,
