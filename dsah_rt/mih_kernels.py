@@ -263,11 +263,12 @@ def probe_block(qw, which, lims, rows, flat, perm, low, offsets, layout, k, radi
     need = nb * (m + 3) + CHUNK + 4 * npairs + nmasks + (1 << min(widest, counting_bits)) + 1
     if ws.shape[0] < need:
         return -need
-    qkeys, work, active, live = ws[: nb * m], ws[nb * m : nb * (m + 1)], ws[nb * (m + 1) : nb * (m + 2)], ws[nb * (m + 2) : nb * (m + 3)]
-    o = nb * (m + 3)
-    dist, keys, who = ws[o : o + CHUNK], ws[o + CHUNK : o + CHUNK + npairs], ws[o + CHUNK + npairs : o + CHUNK + 2 * npairs]
-    o += CHUNK + 2 * npairs
-    skeys, swho, masks, counts = ws[o : o + npairs], ws[o + npairs : o + 2 * npairs], ws[o + 2 * npairs : o + 2 * npairs + nmasks], ws[o + 2 * npairs + nmasks : need]
+    qkeys, o = ws[: nb * m], nb * m
+    work, active, live = ws[o : o + nb], ws[o + nb : o + 2 * nb], ws[o + 2 * nb : o + 3 * nb]
+    dist, o = ws[o + 3 * nb : o + 3 * nb + CHUNK], o + 3 * nb + CHUNK
+    keys, who = ws[o : o + npairs], ws[o + npairs : o + 2 * npairs]
+    skeys, swho = ws[o + 2 * npairs : o + 3 * npairs], ws[o + 3 * npairs : o + 4 * npairs]
+    masks, counts = ws[o + 4 * npairs : o + 4 * npairs + nmasks], ws[o + 4 * npairs + nmasks : need]
     for b in range(nb):
         for j in range(m):
             qkeys[b * m + j] = _key(qw[which[b]], layout[j, FIRST], layout[j, LENGTH])

@@ -46,8 +46,9 @@ def _probe(qw: np.ndarray, tables: Sequence[np.ndarray], which: np.ndarray, lims
     rows, perm, low, offsets, layout = (np.ascontiguousarray(a) for a in tables)
     which, lims = np.ascontiguousarray(which, np.int64), np.ascontiguousarray(lims, np.int64)
     held = np.empty(len(which), np.int64)
-    head = (ptr(qw), *qw.shape, ptr(rows), rows.shape[1], ptr(perm), ptr(low), low.shape[1], ptr(offsets), len(offsets),
-            ptr(layout), len(layout), k, radius, budget, ptr(which), len(which), ptr(lims), ptr(out), out.size, ptr(held))  # fmt: skip
+    head = (ptr(qw), *qw.shape, ptr(rows), rows.shape[1], ptr(perm), ptr(low), low.shape[1], ptr(offsets),
+            len(offsets), ptr(layout), len(layout), k, radius, budget, ptr(which), len(which), ptr(lims), ptr(out),
+            out.size, ptr(held))  # fmt: skip
     native.run_blocks(native.kernels()["mih"], len(which), -(-len(which) // native.threads()),
                       lambda q0, nb, ws: (*head, q0, nb, MAX_PAIRS, COUNTING_BITS, ptr(ws), len(ws)))  # fmt: skip
     return held
