@@ -21,6 +21,7 @@ def test_mih_bench_small_run_is_exact_and_reports_its_pairs(tmp_path):
     assert rows["mih"]["same_indices"] and rows["mih (probing alone)"]["same_indices"]
     assert rows["faiss Flat"]["same_distances"]
     pairs = run["paired"]
+    assert pairs["same_results"]
     expected = np.array(pairs["brute_force_times_s"]) / np.array(pairs["mih_times_s"])
     assert len(pairs["speedups"]) == 2 and np.allclose(pairs["speedups"], expected)
     assert pairs["speedup_median"] == np.median(expected)
