@@ -184,6 +184,9 @@ def clustered():
 
 @pytest.mark.parametrize("k", [1, 10, 100])
 def test_fallback_to_the_scan_serves_only_costly_queries(clustered, monkeypatch, k):
+    from dsah_rt.index import mih
+
+    monkeypatch.setattr(mih, "SAMPLE", len(clustered[0]))  # a batch too small to sample: query by query
     q01, db01 = clustered
     scanned = []
     scan, scan_range = BinaryIndex.search, BinaryIndex.range_search
@@ -194,6 +197,33 @@ def test_fallback_to_the_scan_serves_only_costly_queries(clustered, monkeypatch,
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
     _assert_range(index, q01, db01, 4)  # here the near queries cost more (full buckets)
     assert len(scanned) == 2 and all(0 < n < len(q01) for n in scanned), scanned
+
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_a_batch_whose_sample_passes_its_budget_is_scanned_without_probing_the_rest(monkeypatch, near):
+    # 2,000 128-bit codes in 50 tight clusters, 8 tables of 16 bits: a uniform query's neighbours lie
+    # ~45 bits away (radius 5 in every table: 8 x 4,368 probes), far past a probing budget of 2,000 / 3
+    # candidates, while a database code's lie a few bits away (radius 0 in a few tables).
+    from dsah_rt import mih_ops
+    from dsah_rt.index import mih
+
+    rng = np.random.default_rng(5)
+    protos = rng.integers(0, 2, (50, 128), dtype=np.uint8)
+    db01 = protos[rng.integers(0, 50, 2000)] ^ (rng.random((2000, 128)) < 0.02).astype(np.uint8)
+    db01[1000:1100] = db01[:100]  # ties at distance 0
+    nq = 2 * mih.SAMPLE + 7
+    q01 = db01[rng.integers(0, 2000, nq)] if near else rng.integers(0, 2, (nq, 128), dtype=np.uint8)
+    probed = []
+    for name in ("topk", "range_counts"):
+        real = getattr(mih_ops, name)
+        monkeypatch.setattr(mih_ops, name, lambda qw, *a, real=real: probed.append(len(qw)) or real(qw, *a))
+    index = _mih(db01, 128, 8, scan_cost=None)
+    D, I = index.search(pack(q01), 10)
+    ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
+    _assert_range(index, q01, db01, 6 if near else 40)
+    # Far queries: the sample alone is probed; near ones: the sample, then the rest.
+    assert probed == ([mih.SAMPLE, nq - mih.SAMPLE] if near else [mih.SAMPLE]) * 2, probed
 
 
 def test_default_substrings_fit_tables():
