@@ -22,13 +22,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dsah_rt.hamming import _distance, _popcount
-from dsah_rt.mih_layout import BASE, BUCKET_BITS, FIRST, LENGTH, NO_LIMIT
+from dsah_rt.mih_layout import BASE, BUCKET_BITS, FIRST, LENGTH, NO_LIMIT, PROBE_WEIGHT
 
 # _BINOM[s, r]: the number of s-bit keys at Hamming distance r from a given one (probes per step).
 _BINOM = np.array([[math.comb(s, r) for r in range(33)] for s in range(33)], np.int64)
-# Work is counted in candidates (a sequential read of a row); a probe (random reads of offsets and
-# rows) weighs as PROBE_WEIGHT of them.
-PROBE_WEIGHT = 16
 CHUNK = 256  # candidates one branch-free loop counts against the bound (a bucket or more: 64 measured 5% slower)
 # A bucket's first PREFETCH_LINES cache lines are requested PREFETCH_AHEAD pairs before it is verified
 # (10M uniform 64-bit codes, 4 tables, k = 10, 2 threads: 0.084-0.102 s for 1,000 queries with whole
@@ -212,9 +209,9 @@ def _group_by_bucket(keys, who, n, shift, bucket_bits, counting_bits, skeys, swh
     by a stable counting sort; bucket ids wider than `counting_bits` are sorted by their top bits (the
     order only decides which reads share the cache, never a result). Few pairs are sorted into the
     same order by a heap sort of (digit, i) in `counts` instead: clearing and summing 2**16 counts for
-    every step cost a block of 8 queries 0.3 ms of 0.5 at 10M 64-bit codes."""
+    every step cost a one-query search 0.3 ms of 0.57 at 10M 64-bit codes."""
     drop = shift + max(0, bucket_bits - counting_bits)
-    digit_bits = min(bucket_bits, counting_bits)  # at most 31 (mih_ops.COUNTING_BITS): (digit, i) fits
+    digit_bits = min(bucket_bits, counting_bits)  # 20 at most (mih_ops): digit << digit_bits | i fits
     digits = 1 << digit_bits
     if n * SORT_FEW < digits:
         for i in range(n):

@@ -199,12 +199,12 @@ def test_fallback_to_the_scan_serves_only_costly_queries(clustered, monkeypatch,
     assert len(scanned) == 2 and all(0 < n < len(q01) for n in scanned), scanned
 
 
-
 @pytest.mark.parametrize("near", [False, True])
 def test_a_batch_whose_sample_passes_its_budget_is_scanned_without_probing_the_rest(monkeypatch, near):
     # 2,000 128-bit codes in 50 tight clusters, 8 tables of 16 bits: a uniform query's neighbours lie
-    # ~45 bits away (radius 5 in every table: 8 x 4,368 probes), far past a probing budget of 2,000 / 3
-    # candidates, while a database code's lie a few bits away (radius 0 in a few tables).
+    # ~45 bits away (radius 5 in every table: 8 x 4,368 probes), far past the sample's budget (one
+    # batched-scan query: 2,000 x 2 words / 8 candidates), while a database code's lie a few bits
+    # away (radius 0 in a few tables).
     from dsah_rt import mih_ops
     from dsah_rt.index import mih
 
@@ -222,8 +222,23 @@ def test_a_batch_whose_sample_passes_its_budget_is_scanned_without_probing_the_r
     D, I = index.search(pack(q01), 10)
     ref.assert_ranking_prefix(D, I, ref.distances(q01, db01))
     _assert_range(index, q01, db01, 6 if near else 40)
-    # Far queries: the sample alone is probed; near ones: the sample, then the rest.
-    assert probed == ([mih.SAMPLE, nq - mih.SAMPLE] if near else [mih.SAMPLE]) * 2, probed
+    # Far queries: the sample alone is probed; near ones: the sample, then the rest; and a radius of 6,
+    # cheap even for uniform codes (7 probes at radius 0), in one go, without a sample.
+    assert probed == ([mih.SAMPLE, nq - mih.SAMPLE, nq] if near else [mih.SAMPLE] * 2), probed
+
+
+def test_uniform_reach_and_work_match_counting():
+    from dsah_rt.index.mih import uniform_reach, uniform_work
+
+    rng = np.random.default_rng(2)
+    for bits in (8, 12, 16):
+        within = np.cumsum(np.bincount([bin(c).count("1") for c in range(2**bits)], minlength=bits + 1))
+        for ntotal, k in zip(rng.integers(1, 10**6, 20), rng.integers(1, 1000, 20)):
+            expected = np.flatnonzero(ntotal * within >= k * 2**bits)
+            assert uniform_reach(bits, int(ntotal), int(k)) == (expected[0] if len(expected) else bits)
+    # Two 8-bit tables of 16 codes: steps (0, 0), (0, 1), (1, 0) are 1 + 1 + 8 probes of 16 + 16/256.
+    layout = np.array([[0, 8, 8, 0], [8, 8, 8, 257]])
+    assert uniform_work(layout, 16, 2) == pytest.approx(10 * (16 + 16 / 256))
 
 
 def test_default_substrings_fit_tables():
