@@ -57,7 +57,7 @@ MIN_BUCKET_BITS = 16
 # codes are contiguous here, so a candidate costs far less than a probe and fuller buckets pay.
 ITEMS_PER_BUCKET = 64
 # A candidate costs about as much as scanning SCAN_COST codes for one query (a probe, PROBE_WEIGHT
-# times that: dsah_rt.mih_kernels). Measured: 1.6 ns a candidate, 0.55 ns a scanned code (64 bits,
+# times that: dsah_rt.mih_layout). Measured: 1.6 ns a candidate, 0.55 ns a scanned code (64 bits,
 # 200k codes, one thread). A smaller budget sends queries to the scan that probing answers faster
 # (1M uniform 64-bit codes: 0% scanned at 3, 22% and 1.4x the time at 8).
 SCAN_COST = 3
@@ -215,8 +215,8 @@ class MIHIndex(BinaryIndex):
         by MIH and says which stayed in budget; a batch whose sample mostly did not is scanned.
         `reach`: the distance to which uniform codes would be probed."""
         scanned, rest = np.zeros(nq, bool), np.arange(nq)
-        costly = uniform_work(self.tables().layout, self.ntotal, reach) >= self._scan_worth() / 2
-        if self.scan_cost and nq >= 2 * SAMPLE and costly:
+        if (self.scan_cost and nq >= 2 * SAMPLE
+                and uniform_work(self.tables().layout, self.ntotal, reach) >= self._scan_worth() / 2):  # fmt: skip
             sample = np.linspace(0, nq - 1, SAMPLE).astype(np.int64)
             scanned[sample] = ~probe(sample, min(self._budget(), self._scan_worth()))
             rest = np.delete(rest, sample)
